@@ -1,0 +1,47 @@
+"""The one interface every teacher client offers (HTTP sync, HTTP async, gRPC), and shared helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Protocol
+
+from opd_client import schema
+from opd_client.scores import ScoreResult
+
+SequenceLike = schema.Sequence | dict
+
+
+def make_score_request(
+    sequences: Seq[SequenceLike],
+    top_k: int,
+    *,
+    temperature: float | None = None,
+    score_ids: list | None = None,
+    model: str | None = None,
+    format: str = "json",
+) -> schema.ScoreRequest:
+    """Build (and type-check) a score request; sequences may be dicts with token_ids/prompt_len."""
+    return schema.ScoreRequest(
+        model=model,
+        sequences=[s if isinstance(s, schema.Sequence) else schema.Sequence(**s) for s in sequences],
+        top_k=top_k,
+        temperature=temperature,
+        score_ids=[[list(map(int, row)) for row in rows] for rows in score_ids] if score_ids is not None else None,
+        format=format,
+    )
+
+
+class TeacherClient(Protocol):
+    """Sync interface; AsyncHttpTeacherClient offers the same methods as coroutines."""
+
+    def ready(self) -> bool: ...
+
+    def models(self) -> list[schema.ModelInfo]: ...
+
+    def tokenize(self, text: str | None = None, messages: list[dict] | None = None,
+                 model: str | None = None, add_generation_prompt: bool = True) -> list[int]: ...
+
+    def score(self, sequences: Seq[SequenceLike], top_k: int, *, temperature: float | None = None,
+              score_ids: list | None = None, model: str | None = None) -> ScoreResult: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,187 @@
+"""The one converter between the JSON face (opd_client.schema), the proto messages and arrays.
+
+HTTP and gRPC both go through here, so a field added to the proto is mapped in exactly one place.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+
+from opd_client import schema
+from opd_client.errors import InvalidRequest
+from opd_client.scores import ScoreResult, SequenceScores
+from opd_client.v1 import teacher_pb2 as pb
+
+_SCORE_FIELDS = (
+    ("token_logprobs", "token_logprobs_T", "float32"),
+    ("top_ids", "top_ids_T_K", "int32"),
+    ("top_logprobs", "top_logprobs_T_K", "float32"),
+    ("tail_logprobs", "tail_logprob_T", "float32"),
+    ("score_logprobs", "score_logprobs_T_M", "float32"),
+)
+
+
+# ---- arrays -----------------------------------------------------------------------------------------
+
+
+def encode_array(array: np.ndarray, dtype: str) -> dict:
+    """A little-endian base64 array with its dtype and shape (the `binary` JSON format)."""
+    le = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+    return {"dtype": dtype, "shape": list(le.shape), "data": base64.b64encode(le.tobytes()).decode()}
+
+
+def decode_array(value: dict | list, dtype: str) -> np.ndarray:
+    """Inverse of encode_array; plain JSON lists are accepted too."""
+    if isinstance(value, dict):
+        raw = np.frombuffer(base64.b64decode(value["data"]), dtype=np.dtype(value["dtype"]).newbyteorder("<"))
+        return raw.reshape(value["shape"]).astype(dtype)
+    return np.asarray(value, dtype=dtype)
+
+
+def tensor_to_proto(array: np.ndarray, dtype: str) -> pb.Tensor:
+    le = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+    return pb.Tensor(dtype=dtype, shape=list(le.shape), data=le.tobytes())
+
+
+def tensor_from_proto(tensor: pb.Tensor, dtype: str) -> np.ndarray:
+    raw = np.frombuffer(tensor.data, dtype=np.dtype(tensor.dtype).newbyteorder("<"))
+    return raw.reshape(tuple(tensor.shape)).astype(dtype)
+
+
+# ---- scores -----------------------------------------------------------------------------------------
+
+
+def scores_to_json(scores: SequenceScores, binary: bool = False) -> dict:
+    out = {}
+    for key, attr, dtype in _SCORE_FIELDS:
+        array = getattr(scores, attr)
+        if array is None:
+            out[key] = None
+        else:
+            out[key] = encode_array(array, dtype) if binary else array.tolist()
+    return out
+
+
+def scores_from_json(body: dict) -> SequenceScores:
+    fields = {}
+    for key, attr, dtype in _SCORE_FIELDS:
+        value = body.get(key)
+        fields[attr] = None if value is None else decode_array(value, dtype)
+    # An empty completion decodes to shape (0,); keep [T, K] two-dimensional.
+    for attr in ("top_ids_T_K", "top_logprobs_T_K", "score_logprobs_T_M"):
+        if fields[attr] is not None and fields[attr].ndim == 1:
+            fields[attr] = fields[attr].reshape(0, 0)
+    return SequenceScores(**fields)
+
+
+def scores_to_proto(scores: SequenceScores) -> pb.SequenceScores:
+    msg = pb.SequenceScores()
+    for key, attr, dtype in _SCORE_FIELDS:
+        array = getattr(scores, attr)
+        if array is not None:
+            getattr(msg, key).CopyFrom(tensor_to_proto(array, dtype))
+    return msg
+
+
+def scores_from_proto(msg: pb.SequenceScores) -> SequenceScores:
+    fields = {}
+    for key, attr, dtype in _SCORE_FIELDS:
+        fields[attr] = tensor_from_proto(getattr(msg, key), dtype) if msg.HasField(key) else None
+    return SequenceScores(**fields)
+
+
+def score_result_to_json(result: ScoreResult, binary: bool = False) -> dict:
+    return {
+        "model": result.model,
+        "sequences": [scores_to_json(s, binary) for s in result.sequences],
+        "usage": {"scored_tokens": result.scored_tokens, "forward_tokens": result.forward_tokens},
+    }
+
+
+def score_result_from_json(body: dict) -> ScoreResult:
+    return ScoreResult(
+        model=body["model"],
+        sequences=[scores_from_json(s) for s in body["sequences"]],
+        scored_tokens=body["usage"]["scored_tokens"],
+        forward_tokens=body["usage"]["forward_tokens"],
+    )
+
+
+def score_result_to_proto(result: ScoreResult) -> pb.ScoreResponse:
+    return pb.ScoreResponse(
+        model=result.model,
+        sequences=[scores_to_proto(s) for s in result.sequences],
+        usage=pb.Usage(scored_tokens=result.scored_tokens, forward_tokens=result.forward_tokens),
+    )
+
+
+def score_result_from_proto(msg: pb.ScoreResponse) -> ScoreResult:
+    return ScoreResult(
+        model=msg.model,
+        sequences=[scores_from_proto(s) for s in msg.sequences],
+        scored_tokens=msg.usage.scored_tokens,
+        forward_tokens=msg.usage.forward_tokens,
+    )
+
+
+# ---- requests ---------------------------------------------------------------------------------------
+
+
+def score_request_to_proto(req: schema.ScoreRequest) -> pb.ScoreRequest:
+    sequences = []
+    for i, seq in enumerate(req.sequences):
+        msg = pb.Sequence(token_ids=seq.token_ids, prompt_len=seq.prompt_len)
+        if seq.teacher_prefix_ids is not None:
+            msg.teacher_prefix_ids.CopyFrom(pb.TokenIds(ids=seq.teacher_prefix_ids))
+        if req.score_ids is not None and i < len(req.score_ids):
+            rows = req.score_ids[i]
+            width = len(rows[0]) if rows else 0
+            msg.num_score_ids = width
+            msg.score_ids.extend(x for row in rows for x in row)
+        sequences.append(msg)
+    out = pb.ScoreRequest(model=req.model or "", sequences=sequences, top_k=req.top_k)
+    if req.temperature is not None:
+        out.temperature = float(req.temperature)
+    return out
+
+
+def score_request_from_proto(msg: pb.ScoreRequest) -> schema.ScoreRequest:
+    """The JSON-face request for a gRPC one, so both go through the same validation."""
+    score_ids = None
+    if any(seq.num_score_ids or seq.score_ids for seq in msg.sequences):
+        score_ids = []
+        for i, seq in enumerate(msg.sequences):
+            width, flat = seq.num_score_ids, list(seq.score_ids)
+            if width == 0 and not flat:
+                score_ids.append([])
+                continue
+            if width <= 0 or len(flat) % width:
+                raise InvalidRequest(
+                    f"sequences[{i}].score_ids has {len(flat)} ids, not a multiple of num_score_ids={width}",
+                    field=f"sequences[{i}].score_ids",
+                )
+            score_ids.append([flat[j : j + width] for j in range(0, len(flat), width)])
+    return schema.ScoreRequest(
+        model=msg.model or None,
+        sequences=[
+            schema.Sequence(
+                token_ids=list(seq.token_ids),
+                prompt_len=seq.prompt_len,
+                teacher_prefix_ids=list(seq.teacher_prefix_ids.ids) if seq.HasField("teacher_prefix_ids") else None,
+            )
+            for seq in msg.sequences
+        ],
+        top_k=msg.top_k,
+        temperature=msg.temperature if msg.HasField("temperature") else None,
+        score_ids=score_ids,
+    )
+
+
+def model_info_to_proto(info: schema.ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(**info.model_dump())
+
+
+def model_info_from_proto(msg: pb.ModelInfo) -> schema.ModelInfo:
+    return schema.ModelInfo(**{f: getattr(msg, f) for f in schema.ModelInfo.model_fields})

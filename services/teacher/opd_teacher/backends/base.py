@@ -1,0 +1,35 @@
+"""What every white-box backend takes and gives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from opd_client.schema import ModelInfo
+from opd_client.scores import SequenceScores
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One validated sequence as the teacher sees it."""
+
+    context_ids: list[int]  # the teacher's prompt: teacher_prefix_ids, else token_ids[:prompt_len]
+    completion_ids: list[int]  # the tokens to score, T = len(completion_ids) >= 1
+    score_ids_T_M: np.ndarray | None = None  # int64 [T, M]
+
+    @property
+    def forward_len(self) -> int:
+        return len(self.context_ids) + len(self.completion_ids)
+
+
+class Backend(Protocol):
+    info: ModelInfo
+    bos_token_id: int | None
+
+    def score(self, items: list[ScoreItem], top_k: int, temperature: float) -> list[SequenceScores]: ...
+
+    def tokenize_text(self, text: str, add_special_tokens: bool) -> list[int]: ...
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str: ...
