@@ -22,6 +22,7 @@ def generate(out_root: Path) -> Path:
     """Write the stubs under out_root/opd_client/v1 and return that directory."""
     from grpc_tools import protoc
 
+    out_root.mkdir(parents=True, exist_ok=True)
     args = [
         "protoc",
         f"-Iopd_client/v1={PROTO_DIR}",

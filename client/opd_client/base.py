@@ -26,7 +26,9 @@ def make_score_request(
         sequences=[s if isinstance(s, schema.Sequence) else schema.Sequence(**s) for s in sequences],
         top_k=top_k,
         temperature=temperature,
-        score_ids=[[list(map(int, row)) for row in rows] for rows in score_ids] if score_ids is not None else None,
+        score_ids=[[list(map(int, row)) for row in rows] for rows in score_ids]
+        if score_ids is not None
+        else None,
         format=format,
     )
 
@@ -38,10 +40,22 @@ class TeacherClient(Protocol):
 
     def models(self) -> list[schema.ModelInfo]: ...
 
-    def tokenize(self, text: str | None = None, messages: list[dict] | None = None,
-                 model: str | None = None, add_generation_prompt: bool = True) -> list[int]: ...
+    def tokenize(
+        self,
+        text: str | None = None,
+        messages: list[dict] | None = None,
+        model: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]: ...
 
-    def score(self, sequences: Seq[SequenceLike], top_k: int, *, temperature: float | None = None,
-              score_ids: list | None = None, model: str | None = None) -> ScoreResult: ...
+    def score(
+        self,
+        sequences: Seq[SequenceLike],
+        top_k: int,
+        *,
+        temperature: float | None = None,
+        score_ids: list | None = None,
+        model: str | None = None,
+    ) -> ScoreResult: ...
 
     def close(self) -> None: ...

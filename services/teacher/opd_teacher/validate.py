@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 from opd_client import schema
 from opd_client.errors import InvalidRequest, TooManyTokens
+
 from opd_teacher.backends.base import ScoreItem
 
 
@@ -27,7 +27,9 @@ def validate_score_request(
         )
     temperature = 1.0 if req.temperature is None else float(req.temperature)
     if not (math.isfinite(temperature) and temperature > 0):
-        raise InvalidRequest(f"temperature = {req.temperature} must be a finite number > 0", field="temperature")
+        raise InvalidRequest(
+            f"temperature = {req.temperature} must be a finite number > 0", field="temperature"
+        )
     if req.score_ids is not None and len(req.score_ids) != len(req.sequences):
         raise InvalidRequest(
             f"score_ids has {len(req.score_ids)} entries; it needs one per sequence ({len(req.sequences)})",
@@ -48,12 +50,19 @@ def validate_score_request(
     return items, req.top_k, temperature
 
 
-def _item(i: int, seq: schema.Sequence, score_rows: list[list[int]] | None, info: schema.ModelInfo,
-          bos_token_id: int | None) -> ScoreItem:
+def _item(
+    i: int,
+    seq: schema.Sequence,
+    score_rows: list[list[int]] | None,
+    info: schema.ModelInfo,
+    bos_token_id: int | None,
+) -> ScoreItem:
     where = f"sequences[{i}]"
     n = len(seq.token_ids)
     if n == 0:
-        raise InvalidRequest(f"{where}.token_ids is empty; it needs at least 1 token", field=f"{where}.token_ids")
+        raise InvalidRequest(
+            f"{where}.token_ids is empty; it needs at least 1 token", field=f"{where}.token_ids"
+        )
     if not 0 <= seq.prompt_len < n:
         raise InvalidRequest(
             f"{where}.prompt_len = {seq.prompt_len} must be in [0, {n}) (len(token_ids) = {n}), "

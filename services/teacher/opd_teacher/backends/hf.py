@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from opd_client.embedded import resolve_model
 from opd_client.schema import ModelInfo
 from opd_client.scores import SequenceScores
 from opd_client.tokenizer_hash import tokenizer_sha256
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from opd_teacher.backends.base import ScoreItem
 from opd_teacher.backends.topk import score_hidden
 
@@ -54,8 +54,9 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class HFBackend:
     """One teacher model. Not thread-safe: the caller runs one score() at a time."""
 
-    def __init__(self, name: str, model: str, dtype: str = "auto", device: str = "auto",
-                 limits: HFLimits = HFLimits()):
+    def __init__(
+        self, name: str, model: str, dtype: str = "auto", device: str = "auto", limits: HFLimits = HFLimits()
+    ):
         path, source = resolve_model(model)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -87,7 +88,9 @@ class HFBackend:
     def score(self, items: list[ScoreItem], top_k: int, temperature: float) -> list[SequenceScores]:
         results: list[SequenceScores | None] = [None] * len(items)
         for batch_idx in self._micro_batches(items):
-            for i, scores in zip(batch_idx, self._score_batch([items[i] for i in batch_idx], top_k, temperature)):
+            for i, scores in zip(
+                batch_idx, self._score_batch([items[i] for i in batch_idx], top_k, temperature)
+            ):
                 results[i] = scores
         return results  # type: ignore[return-value]
 

@@ -63,4 +63,3 @@ def _logprobs(logits_C_V: torch.Tensor, temperature: float, softcap: float | Non
     if temperature != 1.0:
         logits_C_V = logits_C_V / temperature
     return torch.log_softmax(logits_C_V, dim=-1)
-

@@ -1,0 +1,266 @@
+"""Synchronous gRPC client of the teacher service (`opd.v1.Teacher`), the TeacherClient interface.
+
+    with GrpcTeacherClient("127.0.0.1:50051", api_key="...") as client:
+        result = client.score([{"token_ids": ids, "prompt_len": 12}], top_k=20)
+        for i, outcome in client.score_stream(requests):   # many requests over one stream
+            ...
+
+Failed calls raise opd_client.errors (the same classes the HTTP client raises); busy, unavailable and
+timed-out calls are retried with the RetryPolicy, never sooner than the server's retry-after hint.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from collections.abc import Sequence as Seq
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from opd_client import convert, schema
+from opd_client.base import SequenceLike, make_score_request
+from opd_client.errors import OpdError, TooManyTokens, error_for_grpc
+from opd_client.retry import RetryPolicy, parse_retry_after
+from opd_client.scores import ScoreResult
+from opd_client.v1 import teacher_pb2 as pb
+from opd_client.v1 import teacher_pb2_grpc as pb_grpc
+
+# Shared with the server: top_k = vocab answers are ~390 KB per scored position for a 49k vocabulary.
+MAX_MESSAGE_BYTES = 256 * 2**20
+TEACHER_SERVICE = "opd.v1.Teacher"
+DEFAULT_RETRY = RetryPolicy()
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+class NotSupported(OpdError, NotImplementedError):
+    """The call exists on another transport only."""
+
+    http_status = 501
+    grpc_code = "UNIMPLEMENTED"
+    type = "not_supported_error"
+
+
+class GrpcTeacherClient:
+    def __init__(
+        self,
+        target: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
+    ):
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._channel = _open_channel(target)
+        self._stub = pb_grpc.TeacherStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # ---- TeacherClient ------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """True when the teacher answers SERVING to a health check (no key needed)."""
+        try:
+            reply = self._health.Check(
+                health_pb2.HealthCheckRequest(service=TEACHER_SERVICE), timeout=min(self.timeout, 5.0)
+            )
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def models(self) -> list[schema.ModelInfo]:
+        reply = self._call(self._stub.GetInfo, pb.GetInfoRequest())
+        return [convert.model_info_from_proto(m) for m in reply.models]
+
+    def tokenize(
+        self,
+        text: str | None = None,
+        messages: list[dict] | None = None,
+        model: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        raise NotSupported(
+            "tokenize is HTTP-only: the gRPC schema (opd.v1.Teacher) has no Tokenize; "
+            "use HttpTeacherClient(...).tokenize or POST /v1/tokenize"
+        )
+
+    def score(
+        self,
+        sequences: Seq[SequenceLike],
+        top_k: int,
+        *,
+        temperature: float | None = None,
+        score_ids: list | None = None,
+        model: str | None = None,
+    ) -> ScoreResult:
+        req = make_score_request(sequences, top_k, temperature=temperature, score_ids=score_ids, model=model)
+        reply = self._call(self._stub.Score, convert.score_request_to_proto(req))
+        return convert.score_result_from_proto(reply)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> GrpcTeacherClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- streaming ----------------------------------------------------------------------------------
+
+    def score_stream(
+        self, requests: Iterable[schema.ScoreRequest], timeout: float | None = None
+    ) -> Iterator[tuple[int, ScoreResult | OpdError]]:
+        """(index of the request, its result or its error) for each request, in the order they finish.
+
+        Requests are read lazily, so `requests` may be a generator that produces rollouts as it goes.
+        When the stream itself breaks with a retryable status, a new stream resends the requests not
+        yet answered; every index is yielded exactly once. `timeout` bounds the whole stream (none by
+        default: a stream may carry a whole training run).
+        """
+        feed = _StreamFeed(requests)
+        attempt = 0
+        while True:
+            call = self._stub.ScoreStream(feed.open(), metadata=self._metadata, timeout=timeout)
+            try:
+                for answer in call:
+                    index = int(answer.request_id)
+                    if not feed.answered(index):
+                        continue  # answered already before a reconnect
+                    attempt = 0
+                    yield index, _outcome(answer)
+                if feed.done():
+                    return
+                # The server ended the stream cleanly while requests were still open: a bug, not a blip.
+                raise OpdError(f"the server closed the stream with {feed.open_count()} requests unanswered")
+            except grpc.RpcError as e:
+                err = _error_for_rpc(e)
+                attempt += 1
+                if not self.retry.should_retry(err, attempt):
+                    raise err from e
+                time.sleep(self.retry.delay(attempt, err.retry_after))
+            finally:
+                call.cancel()
+
+    # ---- plumbing -----------------------------------------------------------------------------------
+
+    def _call(self, method: grpc.UnaryUnaryMultiCallable, request):
+        """One unary call with retries; raises an OpdError."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return method(request, metadata=self._metadata, timeout=self.timeout)
+            except grpc.RpcError as e:
+                err = _error_for_rpc(e)
+                if not self.retry.should_retry(err, attempt):
+                    raise err from e
+                time.sleep(self.retry.delay(attempt, err.retry_after))
+
+
+class _StreamFeed:
+    """Hands requests to successive ScoreStream calls and remembers which are still unanswered.
+
+    gRPC pulls requests on its own thread. A request is recorded as open before it is sent, and a
+    reconnect resends every open request, so none is lost between two streams. The caller's iterator
+    is never advanced while the state lock is held: a generator that waits for earlier results
+    before yielding more (a feedback loop) must not block the thread that reads those results.
+    """
+
+    def __init__(self, requests: Iterable[schema.ScoreRequest]):
+        self._source = enumerate(requests)
+        self._exhausted = False
+        self._open: dict[int, pb.ScoreRequest] = {}
+        self._to_send: deque[int] = deque()  # open requests the current stream has not sent yet
+        self._generation = 0
+        self._lock = threading.Lock()  # guards the fields above
+        self._pull_lock = threading.Lock()  # one stream at a time advances self._source
+
+    def open(self) -> Iterator[pb.ScoreStreamRequest]:
+        """The requests of a new stream: first the unanswered ones, then fresh ones."""
+        with self._lock:
+            self._generation += 1
+            self._to_send = deque(sorted(self._open))
+            return self._requests(self._generation)
+
+    def _requests(self, generation: int) -> Iterator[pb.ScoreStreamRequest]:
+        while True:
+            with self._pull_lock:
+                with self._lock:
+                    if generation != self._generation:
+                        return
+                    index = self._to_send.popleft() if self._to_send else None
+                    if index is None and self._exhausted:
+                        return
+                    msg = self._open.get(index)
+                if msg is None:
+                    pulled = self._pull()
+                    with self._lock:
+                        if pulled is None:
+                            self._exhausted = True
+                            return
+                        index, msg = pulled
+                        self._open[index] = msg
+                        if generation != self._generation:
+                            self._to_send.append(index)  # reconnected meanwhile: the new stream sends it
+                            return
+            yield pb.ScoreStreamRequest(request_id=str(index), request=msg)
+
+    def _pull(self) -> tuple[int, pb.ScoreRequest] | None:
+        """The caller's next request (advanced without the state lock), or None at the end."""
+        try:
+            index, req = next(self._source)
+        except StopIteration:
+            return None
+        return index, convert.score_request_to_proto(req)
+
+    def answered(self, index: int) -> bool:
+        """Mark index answered; False when it was not open (a duplicate after a reconnect)."""
+        with self._lock:
+            return self._open.pop(index, None) is not None
+
+    def done(self) -> bool:
+        with self._lock:
+            return self._exhausted and not self._open
+
+    def open_count(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+
+def _open_channel(target: str) -> grpc.Channel:
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    if target.startswith("grpcs://"):
+        return grpc.secure_channel(target.removeprefix("grpcs://"), grpc.ssl_channel_credentials(), options)
+    return grpc.insecure_channel(target.removeprefix("grpc://"), options)
+
+
+def _outcome(answer: pb.ScoreStreamResponse) -> ScoreResult | OpdError:
+    if answer.WhichOneof("outcome") == "response":
+        return convert.score_result_from_proto(answer.response)
+    e = answer.error
+    err = error_for_grpc(_CODE_NAMES.get(e.grpc_code, "UNKNOWN"), e.message, field=e.field or None)
+    err.http_status = e.http_status or err.http_status
+    return err
+
+
+def _error_for_rpc(e: grpc.RpcError) -> OpdError:
+    """The opd error for a failed call, with the field and retry-after the server put in its trailers."""
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = (e.details() if hasattr(e, "details") else None) or str(e)
+    trailers = dict(e.trailing_metadata() or ()) if hasattr(e, "trailing_metadata") else {}
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        # gRPC's own message-size limit: resending the same request can never fit, so do not retry.
+        return TooManyTokens(f"{details}; lower top_k or send fewer tokens per request", field="top_k")
+    return error_for_grpc(
+        code.name,
+        details,
+        field=trailers.get("opd-field"),
+        retry_after=parse_retry_after(trailers.get("retry-after")),
+    )

@@ -1,0 +1,25 @@
+"""The `opd` command: one entry point whose subcommands live with the package that owns them."""
+
+from __future__ import annotations
+
+import argparse
+
+from opd_teacher import cli as teacher_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opd", description="On-policy distillation: teacher service and trainer."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    teacher_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

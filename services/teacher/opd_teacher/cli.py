@@ -1,0 +1,139 @@
+"""`opd serve-teacher`: flags → ServerConfig and model loaders → serve()."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from functools import partial
+from pathlib import Path
+
+from opd_client.embedded import DEFAULT_TEACHER
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve-teacher",
+        help="serve teacher models over HTTP and gRPC",
+        description="Serve one or more teacher models: top-k logprobs over token sequences (HTTP + gRPC).",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        metavar="[ALIAS=]NAME_OR_PATH",
+        help=f"teacher to serve (repeat for several; default: the embedded {DEFAULT_TEACHER}). "
+        "A local HF directory, or the embedded name. The first one is the default.",
+    )
+    p.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        help="alias for the --model at the same position (alternative to ALIAS=)",
+    )
+    p.add_argument("--backend", choices=["hf"], default="hf", help="hf: white-box HF transformers model")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port; 0 disables gRPC")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on CUDA, float32 on CPU",
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="file with accepted API keys, one per line; then every endpoint but health needs "
+        "'Authorization: Bearer KEY'",
+    )
+    p.add_argument("--max-top-k", type=int, default=1024, help="largest top_k a request may ask for")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=65536,
+        help="tokens per request (teacher view, summed over sequences); more gets 413",
+    )
+    p.add_argument(
+        "--max-sequence-len",
+        type=int,
+        default=None,
+        help="tokens per sequence (default: the model's max_position_embeddings)",
+    )
+    p.add_argument("--max-batch-tokens", type=int, default=8192, help="padded tokens per forward")
+    p.add_argument(
+        "--score-chunk-tokens",
+        type=int,
+        default=512,
+        help="positions whose logits are materialised at once (bounds peak memory)",
+    )
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests after SIGTERM"
+    )
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=main)
+
+
+def parse_models(models: list[str] | None, names: list[str]) -> dict[str, str]:
+    """{alias: name_or_path}; aliases from ALIAS=PATH, --name, or the directory's name."""
+    models = models or [DEFAULT_TEACHER]
+    if len(names) > len(models):
+        raise SystemExit(f"error: {len(names)} --name for {len(models)} --model")
+    out: dict[str, str] = {}
+    for i, spec in enumerate(models):
+        alias, sep, path = spec.partition("=")
+        if not sep:
+            alias, path = (names[i] if i < len(names) else Path(spec).name or spec), spec
+        elif i < len(names):
+            raise SystemExit(f"error: --model {spec!r} has an alias already; drop its --name")
+        if alias in out:
+            raise SystemExit(f"error: two teachers are named {alias!r}; use ALIAS=PATH to tell them apart")
+        out[alias] = path
+    return out
+
+
+def read_api_keys(path: Path | None) -> set[str]:
+    if path is None:
+        return set()
+    try:
+        keys = {
+            line.strip()
+            for line in path.read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        }
+    except OSError as e:
+        raise SystemExit(f"error: cannot read --api-key-file {path}: {e.strerror}") from e
+    if not keys:
+        raise SystemExit(f"error: --api-key-file {path} holds no key")
+    return keys
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from opd_teacher.backends.hf import HFBackend, HFLimits
+    from opd_teacher.server import ServerConfig, serve
+
+    limits = HFLimits(
+        max_top_k=args.max_top_k,
+        max_tokens=args.max_tokens,
+        max_sequence_len=args.max_sequence_len,
+        max_batch_tokens=args.max_batch_tokens,
+        score_chunk_tokens=args.score_chunk_tokens,
+    )
+    loaders = {
+        alias: partial(HFBackend, alias, path, dtype=args.dtype, device=args.device, limits=limits)
+        for alias, path in parse_models(args.model, args.name).items()
+    }
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port or None,
+        api_keys=read_api_keys(args.api_key_file),
+        drain_timeout_s=args.drain_timeout,
+    )
+    asyncio.run(serve(config, loaders))

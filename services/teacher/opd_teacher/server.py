@@ -1,0 +1,123 @@
+"""Run the teacher service: HTTP (uvicorn) and gRPC in one asyncio loop over one engine.
+
+The ports open before the weights load, so orchestrators see the process live (and not yet ready) at
+once; on SIGTERM/SIGINT the service reports not-ready, lets in-flight requests finish, then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from opd_teacher.backends.base import Backend
+from opd_teacher.engine import TeacherEngine
+from opd_teacher.http.app import create_app
+
+log = logging.getLogger("opd_teacher")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int | None = 50051  # None: no gRPC
+    api_keys: set[str] = field(default_factory=set)
+    drain_timeout_s: float = 30.0
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: this module decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+async def serve(config: ServerConfig, loaders: dict[str, Callable[[], Backend]]) -> None:
+    engine = TeacherEngine()
+    http = _Uvicorn(
+        uvicorn.Config(
+            create_app(engine, config.api_keys),
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=config.drain_timeout_s,
+        )
+    )
+    grpc_server = None
+    if config.grpc_port is not None:
+        from opd_teacher.grpc_server import build_grpc_server
+
+        # gRPC health reads engine.ready, so it flips with loading and draining by itself.
+        grpc_server = build_grpc_server(engine, config.host, config.grpc_port, config.api_keys or None)
+        await grpc_server.start()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    http_task = asyncio.create_task(http.serve())
+    grpc_note = f", gRPC on {config.host}:{config.grpc_port}" if grpc_server else ""
+    log.info(
+        "listening: HTTP on http://%s:%d%s (not ready until weights load)",
+        config.host,
+        config.port,
+        grpc_note,
+    )
+    load_task = asyncio.create_task(_load(engine, loaders))
+    await asyncio.wait(
+        [asyncio.create_task(stop.wait()), http_task, load_task], return_when=asyncio.FIRST_COMPLETED
+    )
+    if load_task.done() and load_task.exception() is not None:
+        log.error("loading failed: %s", load_task.exception())
+        stop.set()
+    if not stop.is_set() and not http_task.done():
+        await asyncio.wait([asyncio.create_task(stop.wait()), http_task], return_when=asyncio.FIRST_COMPLETED)
+
+    log.info("draining: not ready, finishing in-flight requests (up to %.0f s)", config.drain_timeout_s)
+    engine.draining = True
+    if grpc_server is not None:
+        await grpc_server.stop(grace=config.drain_timeout_s)
+    http.should_exit = True
+    await http_task
+    load_task.cancel()
+    engine.shutdown()
+    log.info("stopped")
+    if load_task.done() and not load_task.cancelled() and load_task.exception() is not None:
+        raise SystemExit(f"error: {load_task.exception()}")
+
+
+async def _load(engine: TeacherEngine, loaders: dict[str, Callable[[], Backend]]) -> None:
+    for name, load in loaders.items():
+        started = time.perf_counter()
+        backend = await asyncio.to_thread(load)
+        await asyncio.to_thread(_warm_up, backend)
+        engine.add_backend(name, backend)
+        info = backend.info
+        log.info(
+            "loaded %s in %.1f s (%s, %s, vocab %d, max_top_k %d)",
+            name,
+            time.perf_counter() - started,
+            info.dtype,
+            info.device,
+            info.vocab_size,
+            info.max_top_k,
+        )
+    engine.loaded = True
+    log.info("ready")
+
+
+def _warm_up(backend: Backend) -> None:
+    """One small forward, so the first real request does not pay for lazy initialisation."""
+    from opd_teacher.backends.base import ScoreItem
+
+    backend.score([ScoreItem(context_ids=[0, 1], completion_ids=[2, 3])], top_k=1, temperature=1.0)
