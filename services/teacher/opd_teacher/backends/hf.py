@@ -88,9 +88,8 @@ class HFBackend:
     def score(self, items: list[ScoreItem], top_k: int, temperature: float) -> list[SequenceScores]:
         results: list[SequenceScores | None] = [None] * len(items)
         for batch_idx in self._micro_batches(items):
-            for i, scores in zip(
-                batch_idx, self._score_batch([items[i] for i in batch_idx], top_k, temperature)
-            ):
+            scored = self._score_batch([items[i] for i in batch_idx], top_k, temperature)
+            for i, scores in zip(batch_idx, scored, strict=True):
                 results[i] = scores
         return results  # type: ignore[return-value]
 
@@ -124,7 +123,7 @@ class HFBackend:
 
         # The hidden state at position j predicts token j + 1: completion token t is scored from j = t - 1.
         picks, targets, score_ids = [], [], []
-        for b, (item, ids) in enumerate(zip(items, rows)):
+        for b, (item, ids) in enumerate(zip(items, rows, strict=True)):
             start = len(ids) - len(item.completion_ids)
             picks.append(hidden_B_L_H[b, start - 1 : len(ids) - 1])
             targets.extend(item.completion_ids)
@@ -173,7 +172,7 @@ def _pad_cat(score_ids: list[torch.Tensor]) -> torch.Tensor:
 def _split(out: dict[str, torch.Tensor], lengths: list[int], items: list[ScoreItem]) -> list[SequenceScores]:
     arrays = {k: v.numpy() for k, v in out.items()}
     results, start = [], 0
-    for n, item in zip(lengths, items):
+    for n, item in zip(lengths, items, strict=True):
         rows = slice(start, start + n)
         score_lp = None
         if item.score_ids_T_M is not None:
