@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from opd_student import cli as student_cli
 from opd_teacher import cli as teacher_cli
 
 
@@ -13,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     teacher_cli.register(sub)
+    student_cli.register(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""opd_student: the student trainer (reaches the teacher only over the network, through opd_client)."""
