@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from helpers import make_tiny_model, start_teacher
 
 DEFAULT = "smollm2-135m-instruct"
