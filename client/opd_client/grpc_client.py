@@ -11,6 +11,7 @@ timed-out calls are retried with the RetryPolicy, never sooner than the server's
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -27,6 +28,8 @@ from opd_client.retry import RetryPolicy, parse_retry_after
 from opd_client.scores import ScoreResult
 from opd_client.v1 import teacher_pb2 as pb
 from opd_client.v1 import teacher_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
 
 # Shared with the server: top_k = vocab answers are ~390 KB per scored position for a 49k vocabulary.
 MAX_MESSAGE_BYTES = 256 * 2**20
@@ -72,7 +75,7 @@ class GrpcTeacherClient:
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     def models(self) -> list[schema.ModelInfo]:
-        reply = self._call(self._stub.GetInfo, pb.GetInfoRequest())
+        reply = self._call("GetInfo", pb.GetInfoRequest())
         return [convert.model_info_from_proto(m) for m in reply.models]
 
     def tokenize(
@@ -97,7 +100,7 @@ class GrpcTeacherClient:
         model: str | None = None,
     ) -> ScoreResult:
         req = make_score_request(sequences, top_k, temperature=temperature, score_ids=score_ids, model=model)
-        reply = self._call(self._stub.Score, convert.score_request_to_proto(req))
+        reply = self._call("Score", convert.score_request_to_proto(req))
         return convert.score_result_from_proto(reply)
 
     def close(self) -> None:
@@ -137,28 +140,42 @@ class GrpcTeacherClient:
                 # The server ended the stream cleanly while requests were still open: a bug, not a blip.
                 raise OpdError(f"the server closed the stream with {feed.open_count()} requests unanswered")
             except grpc.RpcError as e:
-                err = _error_for_rpc(e)
                 attempt += 1
-                if not self.retry.should_retry(err, attempt):
-                    raise err from e
-                time.sleep(self.retry.delay(attempt, err.retry_after))
+                self._wait_or_raise(
+                    _error_for_rpc(e, f"ScoreStream at {self.target}"), attempt, "ScoreStream", e
+                )
             finally:
                 call.cancel()
 
     # ---- plumbing -----------------------------------------------------------------------------------
 
-    def _call(self, method: grpc.UnaryUnaryMultiCallable, request):
-        """One unary call with retries; raises an OpdError."""
+    def _call(self, name: str, request):
+        """One unary call (by method name) with retries; raises an OpdError."""
+        method = getattr(self._stub, name)
         attempt = 0
         while True:
             attempt += 1
             try:
                 return method(request, metadata=self._metadata, timeout=self.timeout)
             except grpc.RpcError as e:
-                err = _error_for_rpc(e)
-                if not self.retry.should_retry(err, attempt):
-                    raise err from e
-                time.sleep(self.retry.delay(attempt, err.retry_after))
+                self._wait_or_raise(_error_for_rpc(e, f"{name} at {self.target}"), attempt, name, e)
+
+    def _wait_or_raise(self, err: OpdError, attempt: int, what: str, cause: grpc.RpcError) -> None:
+        """Sleep before the next try (logged), or raise err when the policy gives up."""
+        if not self.retry.should_retry(err, attempt):
+            raise err from cause
+        delay = self.retry.delay(attempt, err.retry_after)
+        logger.warning(
+            "gRPC %s at %s failed (%s: %s); retry %d/%d in %.2f s",
+            what,
+            self.target,
+            type(err).__name__,
+            err.message,
+            attempt,
+            self.retry.max_attempts - 1,
+            delay,
+        )
+        time.sleep(delay)
 
 
 class _StreamFeed:
@@ -250,14 +267,19 @@ def _outcome(answer: pb.ScoreStreamResponse) -> ScoreResult | OpdError:
     return err
 
 
-def _error_for_rpc(e: grpc.RpcError) -> OpdError:
+def _error_for_rpc(e: grpc.RpcError, where: str) -> OpdError:
     """The opd error for a failed call, with the field and retry-after the server put in its trailers."""
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = (e.details() if hasattr(e, "details") else None) or str(e)
     trailers = dict(e.trailing_metadata() or ()) if hasattr(e, "trailing_metadata") else {}
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
         # gRPC's own message-size limit: resending the same request can never fit, so do not retry.
-        return TooManyTokens(f"{details}; lower top_k or send fewer tokens per request", field="top_k")
+        return TooManyTokens(
+            f"{where}: {details}; lower top_k or send fewer tokens per request", field="top_k"
+        )
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not trailers:
+        # Raised by the channel itself (refused, reset, timed out), so say where it was going.
+        details = f"{where}: {details}"
     return error_for_grpc(
         code.name,
         details,

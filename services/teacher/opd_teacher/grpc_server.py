@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import ValidationError
+
 from opd_client import convert
 from opd_client.errors import OpdError, TooManyTokens, Unavailable, ValidationFailed
 from opd_client.grpc_client import MAX_MESSAGE_BYTES
 from opd_client.v1 import teacher_pb2 as pb
 from opd_client.v1 import teacher_pb2_grpc as pb_grpc
-from pydantic import ValidationError
-
 from opd_teacher import metrics
 from opd_teacher.engine import TeacherEngine
 from opd_teacher.http.errors import field_path
