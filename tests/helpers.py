@@ -47,6 +47,8 @@ def start_teacher(
     api_key: str | None = "test-key",
     extra_args: list[str] | tuple[str, ...] = (),
     ready_timeout: float = 180,
+    port: int | None = None,
+    grpc_port: int | None = None,
 ) -> LocalTeacher:
     """The real `opd serve-teacher`, fp32 on CPU, on free loopback ports."""
     from opd_client.launch import start_teacher as launch
@@ -56,5 +58,7 @@ def start_teacher(
         models,
         api_key=api_key,
         ready_timeout=ready_timeout,
+        port=port,
+        grpc_port=grpc_port,
         extra_args=["--device", "cpu", "--dtype", "float32", *extra_args],
     )

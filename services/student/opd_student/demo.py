@@ -1,89 +1,65 @@
-"""`opd demo`: the main job on the embedded default teacher.
+"""`opd demo`: the main job on the embedded defaults, start to finish on a laptop-class CPU.
 
-Starts the teacher as a separate service process, tokenizes an example conversation with the teacher's
-chat template, scores the assistant's answer, and prints what the teacher thinks of every token.
+Starts the default teacher as a separate service process, makes (or reuses) the default layer-pruned
+student, measures its KL to the teacher on held-out prompts, distils on-policy, measures again, and
+writes the report.
 """
 
 from __future__ import annotations
 
 import argparse
-import secrets
 import time
 from pathlib import Path
 
-import numpy as np
+from opd_student.config import TrainConfig
 
-from opd_client.http_client import HttpTeacherClient
-from opd_client.launch import start_teacher
-
-EXAMPLE = [
-    {"role": "user", "content": "What is the capital of France, and what river runs through it?"},
-]
-ANSWER = "The capital of France is Paris, and the Seine runs through it.<|im_end|>"
+# Settings that finish in about 10 minutes on 2 CPU cores (measured: docs/benchmarks.md).
+DEMO = dict(
+    steps=16,
+    prompts_per_step=4,
+    samples_per_prompt=2,
+    max_new_tokens=48,
+    loss="reverse_kl",
+    lr=5e-5,
+    save_every=4,
+    eval_num_prompts=32,
+    eval_max_new_tokens=48,
+)
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="serve the default teacher and score an example conversation")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (teacher log)")
+    p = subparsers.add_parser("demo", help="distil the default student from the default teacher, end to end")
+    p.add_argument("--steps", type=int, default=DEMO["steps"])
+    p.add_argument(
+        "--loss", default=DEMO["loss"], help="reverse_kl | topk_forward_kl | student_topk_reverse_kl | jsd"
+    )
+    p.add_argument("--out", type=Path, help="run directory (default: runs/demo-DATE-TIME)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     p.add_argument("--teacher-url", help="use this running teacher instead of starting one")
-    p.add_argument("--api-key", help="API key for --teacher-url")
-    p.add_argument("--top-k", type=int, default=3)
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.teacher_url:
-        score_example(HttpTeacherClient(args.teacher_url, api_key=args.api_key), args.top_k)
-        return
-    print("starting the teacher service (opd serve-teacher, embedded SmolLM2-135M-Instruct)...", flush=True)
+    from opd_student.metrics_log import read_metrics
+    from opd_student.report import write_report
+    from opd_student.train import train
+
+    if args.resume and not args.out:
+        raise SystemExit("error: --resume needs --out RUN_DIR (the demo to continue)")
+    out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    cfg = TrainConfig(
+        **{**DEMO, "steps": args.steps, "loss": args.loss, "out": str(out), "teacher_url": args.teacher_url}
+    )
     started = time.perf_counter()
-    with start_teacher(args.out, api_key=secrets.token_urlsafe(16)) as teacher:
+    run_dir = train(cfg, resume=args.resume)
+    evals = [r for r in read_metrics(run_dir) if r.get("eval")]
+    png, md = write_report(run_dir)
+    minutes = (time.perf_counter() - started) / 60
+    if len(evals) >= 2:
+        before, after = evals[0]["eval/reverse_kl"], evals[-1]["eval/reverse_kl"]
         print(
-            f"teacher ready at {teacher.http_url} (gRPC {teacher.grpc_target}) in "
-            f"{time.perf_counter() - started:.1f} s; log: {teacher.log_path}",
-            flush=True,
+            f"\nKL to teacher: {before:.3f} → {after:.3f} nats/token "
+            f"({100 * (after - before) / before:+.0f}%; sampled reverse KL on "
+            f"{int(evals[-1]['eval/prompts'])} held-out prompts)"
         )
-        with HttpTeacherClient(teacher.http_url, api_key=teacher.api_key) as client:
-            score_example(client, args.top_k)
-
-
-def score_example(client: HttpTeacherClient, top_k: int) -> None:
-    info = client.models()[0]
-    prompt_ids = client.tokenize(messages=EXAMPLE)
-    answer_ids = client.tokenize(text=ANSWER)
-    started = time.perf_counter()
-    result = client.score(
-        [{"token_ids": prompt_ids + answer_ids, "prompt_len": len(prompt_ids)}], top_k=top_k
-    )
-    elapsed = time.perf_counter() - started
-    scores = result.sequences[0]
-    vocab = _decoder()
-
-    print(
-        f"\nteacher {info.name} (vocab {info.vocab_size}, {info.dtype} on {info.device}, rev {info.revision})"
-    )
-    print(f"user: {EXAMPLE[0]['content']}\nassistant: {ANSWER}\n")
-    print(f"{'token':>16}  {'logprob':>8}  teacher's top-{top_k}")
-    for t, token_id in enumerate(answer_ids):
-        alternatives = "  ".join(
-            f"{vocab(int(i))!r} {lp:.2f}"
-            for i, lp in zip(scores.top_ids_T_K[t], scores.top_logprobs_T_K[t], strict=True)
-        )
-        print(f"{vocab(token_id)!r:>16}  {scores.token_logprobs_T[t]:8.3f}  {alternatives}")
-    nll = -float(np.mean(scores.token_logprobs_T))
-    print(
-        f"\n{len(answer_ids)} tokens scored in {elapsed * 1000:.0f} ms; mean NLL {nll:.3f} nats/token "
-        f"(perplexity {np.exp(nll):.2f}); tail mass outside top-{top_k}: "
-        f"{float(np.mean(np.exp(scores.tail_logprob_T))):.3f} on average"
-    )
-
-
-def _decoder():
-    """Token text by id, from the embedded teacher's tokenizer (the service has no detokenize endpoint)."""
-    from transformers import AutoTokenizer
-
-    from opd_client.embedded import embedded_teacher_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(embedded_teacher_dir())
-    return lambda token_id: tokenizer.decode([token_id])
+    print(f"report: {png} and {md}; run directory {run_dir} ({minutes:.1f} min)")

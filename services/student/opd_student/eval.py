@@ -1,0 +1,139 @@
+"""KL of the student to the teacher on held-out prompts, measured through the teacher service.
+
+The student answers each prompt (one sample, fixed seed, so before/after runs see the same RNG stream);
+the teacher scores those answers. Two numbers per token, averaged over all completion tokens:
+- sampled reverse KL: log q(x) − log p(x) at the student's own samples x ~ q, an unbiased estimate of
+  KL(q‖p), the quantity on-policy distillation minimises;
+- top-k forward KL: KL(p‖q) on the teacher's top-k plus the tail bucket, a lower bound of KL(p‖q).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from opd_student import losses
+from opd_student.checkpoint import rng_state, set_rng_state
+from opd_student.prompts import Prompt, load_prompts, render
+from opd_student.rollouts import Rollout, pack, sample_completions, student_logprobs, teacher_tensors
+from opd_student.teacher_link import TeacherLink
+
+EVAL_TOP_K = 20
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run with a fixed seed and leave the caller's RNG streams exactly as they were."""
+    saved = rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
+
+
+def evaluate(
+    model,
+    tokenizer,
+    link: TeacherLink,
+    prompts: list[Prompt],
+    max_new_tokens: int,
+    teacher_model: str | None = None,
+    seed: int = 1234,
+    batch_size: int = 8,
+    autocast: bool = False,
+) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    rev_sum = fwd_sum = tokens = 0.0
+    device_type = model.device.type
+    with seeded(seed):
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            prompt_ids = [render(p, tokenizer) for p in chunk]
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+                completions = sample_completions(
+                    model, prompt_ids, 1, max_new_tokens, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id
+                )
+            rollouts = [
+                Rollout(ids, c[0], _teacher_prefix(p, tokenizer), p.teacher or teacher_model, p.id)
+                for p, ids, c in zip(chunk, prompt_ids, completions, strict=True)
+            ]
+            scores = link.collect(rollouts, link.submit(rollouts, EVAL_TOP_K), EVAL_TOP_K)
+            batch = pack(rollouts, tokenizer.pad_token_id)
+            teacher = teacher_tensors(scores, batch.mask_B_T.shape[1])
+            with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+                logprobs_B_T_V = student_logprobs(model, batch)
+            logprobs_B_T_V = logprobs_B_T_V.float().cpu()
+            q_tok_B_T = logprobs_B_T_V.gather(-1, batch.targets_B_T[..., None])[..., 0]
+            rev_sum += (
+                losses.sampled_reverse_kl(q_tok_B_T, teacher.token_logprobs_B_T, batch.mask_B_T).sum().item()
+            )
+            fwd_sum += (
+                losses.topk_forward_kl(
+                    logprobs_B_T_V,
+                    teacher.top_ids_B_T_K,
+                    teacher.top_logprobs_B_T_K,
+                    teacher.tail_logprob_B_T,
+                    batch.mask_B_T,
+                )
+                .sum()
+                .item()
+            )
+            tokens += batch.num_tokens
+    model.train(was_training)
+    return {
+        "eval/reverse_kl": rev_sum / tokens,
+        "eval/topk_forward_kl": fwd_sum / tokens,
+        "eval/tokens": tokens,
+        "eval/prompts": len(prompts),
+    }
+
+
+def _teacher_prefix(prompt: Prompt, tokenizer) -> list[int] | None:
+    return render(prompt, tokenizer, for_teacher=True) if prompt.teacher_messages else None
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="KL of a student to the teacher on held-out prompts")
+    p.add_argument("--teacher-url", required=True)
+    p.add_argument("--teacher-model", help="teacher name on the service (default: its first)")
+    p.add_argument("--api-key-env", default="OPD_TEACHER_API_KEY", help="env var holding the API key")
+    p.add_argument("--student", default="default", help="HF directory, or 'default'")
+    p.add_argument("--prompts", default="default-heldout", help="JSONL prompt file or a shipped set")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json-out", type=Path, help="also write the numbers here")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> None:
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opd_student.make_student import resolve_student
+    from opd_student.student_model import pick_device
+
+    path = resolve_student(args.student)
+    device = pick_device(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    link = TeacherLink(args.teacher_url, os.environ.get(args.api_key_env), 120.0, 4, 600.0)
+    link.check(tokenizer, args.teacher_model)
+    prompts = load_prompts(args.prompts)[: args.num_prompts]
+    result = evaluate(model, tokenizer, link, prompts, args.max_new_tokens, args.teacher_model, args.seed)
+    link.close()
+    print(
+        f"student {path}\n  sampled reverse KL  {result['eval/reverse_kl']:.4f} nats/token\n"
+        f"  top-{EVAL_TOP_K} forward KL   {result['eval/topk_forward_kl']:.4f} nats/token\n"
+        f"  over {int(result['eval/tokens'])} tokens of {len(prompts)} prompts"
+    )
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2) + "\n")

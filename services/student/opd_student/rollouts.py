@@ -1,0 +1,135 @@
+"""Sampling rollouts from the student, and packing them into padded tensors for the loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from opd_client.scores import SequenceScores
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[int]
+    completion_ids: list[int]  # sampled by the student, up to and including EOS (or cut at max_new_tokens)
+    teacher_prefix_ids: list[int] | None = None  # privileged context for the teacher, if the prompt had one
+    teacher: str | None = None  # teacher name on the service
+    prompt_id: str = ""
+    on_policy: bool = True  # False: a fixed dataset sequence (GKD mixing)
+
+
+@torch.inference_mode()
+def sample_completions(
+    model,
+    prompts_P: list[list[int]],
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> list[list[list[int]]]:
+    """completions_P_G: G sampled completions per prompt (pure sampling: no top-k/top-p truncation)."""
+    rows = [ids for ids in prompts_P for _ in range(samples_per_prompt)]
+    width = max(len(r) for r in rows)
+    device = model.device
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):  # left padding, so every row's next token comes at the same column
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[i, width - len(ids) :] = 1
+    out = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )[:, width:].tolist()
+    completions = [_cut_at_eos(row, eos_token_id) for row in out]
+    return [completions[p * samples_per_prompt : (p + 1) * samples_per_prompt] for p in range(len(prompts_P))]
+
+
+def _cut_at_eos(ids: list[int], eos_token_id: int) -> list[int]:
+    return ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids
+
+
+@dataclass
+class PackedBatch:
+    """Rollouts right-padded into one forward; completion positions gathered for the loss."""
+
+    input_ids_B_L: torch.Tensor
+    attention_mask_B_L: torch.Tensor
+    positions_B_T: torch.Tensor  # index j of the hidden state that predicts completion token t (j = t - 1)
+    targets_B_T: torch.Tensor  # the completion tokens (0 at padding)
+    mask_B_T: torch.Tensor  # 1.0 on real completion tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask_B_T.sum().item())
+
+
+def pack(rollouts: list[Rollout], pad_token_id: int) -> PackedBatch:
+    lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
+    width, horizon = max(lengths), max(len(r.completion_ids) for r in rollouts)
+    B = len(rollouts)
+    input_ids = torch.full((B, width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((B, width), dtype=torch.long)
+    positions = torch.zeros((B, horizon), dtype=torch.long)
+    targets = torch.zeros((B, horizon), dtype=torch.long)
+    mask = torch.zeros((B, horizon))
+    for b, r in enumerate(rollouts):
+        ids = r.prompt_ids + r.completion_ids
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        attention[b, : len(ids)] = 1
+        T, start = len(r.completion_ids), len(r.prompt_ids)
+        positions[b, :T] = torch.arange(start - 1, start - 1 + T)
+        targets[b, :T] = torch.tensor(r.completion_ids)
+        mask[b, :T] = 1.0
+    return PackedBatch(input_ids, attention, positions, targets, mask)
+
+
+def student_logprobs(model, batch: PackedBatch) -> torch.Tensor:
+    """log q over the vocabulary at completion positions only: [B, T, V] (fp32), with grad."""
+    device = model.device
+    hidden_B_L_H = model.base_model(
+        input_ids=batch.input_ids_B_L.to(device), attention_mask=batch.attention_mask_B_L.to(device)
+    ).last_hidden_state
+    index = batch.positions_B_T.to(device)[:, :, None].expand(-1, -1, hidden_B_L_H.shape[-1])
+    hidden_B_T_H = hidden_B_L_H.gather(1, index)
+    logits_B_T_V = model.get_output_embeddings()(hidden_B_T_H)
+    return torch.log_softmax(logits_B_T_V.float(), dim=-1)
+
+
+@dataclass
+class TeacherTensors:
+    """Teacher scores padded to the batch: [B, T] and [B, T, K]; zeros at padding (masked later)."""
+
+    token_logprobs_B_T: torch.Tensor
+    top_ids_B_T_K: torch.Tensor
+    top_logprobs_B_T_K: torch.Tensor
+    tail_logprob_B_T: torch.Tensor
+    score_logprobs_B_T_M: torch.Tensor | None
+
+
+def teacher_tensors(scores_B: list[SequenceScores], horizon: int) -> TeacherTensors:
+    B = len(scores_B)
+    K = scores_B[0].top_ids_T_K.shape[1]
+    token = torch.zeros((B, horizon))
+    top_ids = torch.zeros((B, horizon, K), dtype=torch.long)
+    top_lp = torch.zeros((B, horizon, K))
+    tail = torch.zeros((B, horizon))
+    has_score = scores_B[0].score_logprobs_T_M is not None
+    score = torch.zeros((B, horizon, scores_B[0].score_logprobs_T_M.shape[1])) if has_score else None
+    for b, s in enumerate(scores_B):
+        T = s.num_tokens
+        token[b, :T] = torch.from_numpy(s.token_logprobs_T)
+        top_ids[b, :T] = torch.from_numpy(s.top_ids_T_K.astype("int64"))
+        top_lp[b, :T] = torch.from_numpy(s.top_logprobs_T_K)
+        tail[b, :T] = torch.from_numpy(s.tail_logprob_T)
+        if score is not None:
+            score[b, :T] = torch.from_numpy(s.score_logprobs_T_M)
+    return TeacherTensors(token, top_ids, top_lp, tail, score)

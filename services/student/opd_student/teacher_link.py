@@ -1,0 +1,156 @@
+"""The trainer's connection to the teacher service: start-up checks, pipelined scoring, outage handling.
+
+Scoring requests run on a small thread pool, so the next batch can be generated while the teacher scores
+the current one. When the teacher becomes unreachable, the step waits (with backoff) and resends the
+same requests: a step is taken only with its scores, so none is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from opd_client.errors import InvalidRequest, NotFound, OpdError, Unauthenticated
+from opd_client.http_client import HttpTeacherClient
+from opd_client.retry import RetryPolicy
+from opd_client.schema import ModelInfo
+from opd_client.scores import SequenceScores
+from opd_client.tokenizer_hash import tokenizer_sha256
+from opd_student.rollouts import Rollout
+
+log = logging.getLogger(__name__)
+
+# Errors that retrying cannot fix: a bug or a misconfiguration, reported at once.
+FATAL = (InvalidRequest, NotFound, Unauthenticated)
+
+
+class TeacherUnreachable(RuntimeError):
+    pass
+
+
+class TeacherLink:
+    def __init__(
+        self, url: str, api_key: str | None, timeout_s: float, max_inflight: int, wait_s: float, on_wait=None
+    ):
+        # The client's own retries ride out short blips; this class handles outages longer than those.
+        self.client = HttpTeacherClient(
+            url,
+            api_key=api_key,
+            timeout=timeout_s,
+            retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.5, max_backoff_s=5),
+        )
+        self.url = url
+        self.wait_s = wait_s
+        self.on_wait = on_wait or (lambda message: log.warning(message))
+        self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="opd-score")
+
+    def check(self, tokenizer, teacher_model: str | None) -> ModelInfo:
+        """The teacher's model info; a clear error for a wrong URL, key, name or tokenizer."""
+        try:
+            infos = self.client.models()
+        except Unauthenticated as e:
+            raise SystemExit(f"error: the teacher at {self.url} refused the API key: {e.message}") from e
+        except OpdError as e:
+            raise SystemExit(f"error: cannot reach a teacher service at {self.url}: {e.message}") from e
+        by_name = {i.name: i for i in infos}
+        info = by_name.get(teacher_model) if teacher_model else infos[0]
+        if info is None:
+            raise SystemExit(
+                f"error: the teacher service at {self.url} has no model {teacher_model!r}; "
+                f"it serves {', '.join(by_name)}"
+            )
+        mine = tokenizer_sha256(tokenizer)
+        if info.tokenizer_sha256 != mine:
+            raise SystemExit(
+                f"error: the student's tokenizer differs from teacher {info.name!r}'s (sha256 {mine[:12]}… vs "
+                f"{info.tokenizer_sha256[:12]}…): token ids would mean different things. Use a student "
+                "derived from this teacher (opd make-student) or a teacher with the same tokenizer."
+            )
+        return info
+
+    def submit(self, rollouts: list[Rollout], top_k: int, score_ids: list | None = None) -> list[Future]:
+        """One request per teacher name; futures resolve to (indices, list[SequenceScores])."""
+        groups: dict[str | None, list[int]] = {}
+        for i, r in enumerate(rollouts):
+            groups.setdefault(r.teacher, []).append(i)
+        return [
+            self._pool.submit(self._score, rollouts, idx, top_k, score_ids, name)
+            for name, idx in groups.items()
+        ]
+
+    def _score(self, rollouts, idx, top_k, score_ids, name):
+        sequences = []
+        for i in idx:
+            r = rollouts[i]
+            seq = {"token_ids": r.prompt_ids + r.completion_ids, "prompt_len": len(r.prompt_ids)}
+            if r.teacher_prefix_ids is not None:
+                seq["teacher_prefix_ids"] = r.teacher_prefix_ids
+            sequences.append(seq)
+        ids = [score_ids[i] for i in idx] if score_ids is not None else None
+        result = self.client.score(sequences, top_k=top_k, score_ids=ids, model=name)
+        return idx, result.sequences
+
+    def collect(
+        self, rollouts: list[Rollout], futures: list[Future], top_k: int, score_ids: list | None = None
+    ) -> list[SequenceScores]:
+        """Scores for every rollout, waiting out teacher outages for up to wait_s."""
+        out: list[SequenceScores | None] = [None] * len(rollouts)
+        started, delay = time.monotonic(), 1.0
+        while True:
+            failed = None
+            for future in futures:
+                try:
+                    idx, scores = future.result()
+                except FATAL:
+                    raise
+                except Exception as e:  # unreachable, overloaded, timed out: wait and resend
+                    failed = e
+                    continue
+                for i, s in zip(idx, scores, strict=True):
+                    out[i] = s
+            if failed is None:
+                return out  # type: ignore[return-value]
+            waited = time.monotonic() - started
+            if waited > self.wait_s:
+                raise TeacherUnreachable(
+                    f"the teacher at {self.url} has been unreachable for {waited:.0f} s "
+                    f"(teacher_wait_s = {self.wait_s:.0f}): {failed}"
+                )
+            self.on_wait(
+                f"teacher unreachable ({_short(failed)}); retrying in {delay:.0f} s "
+                f"(waited {waited:.0f} s of {self.wait_s:.0f} s)"
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            missing = [i for i, s in enumerate(out) if s is None]
+            futures = self.submit(
+                [rollouts[i] for i in missing],
+                top_k,
+                [score_ids[i] for i in missing] if score_ids is not None else None,
+            )
+            futures = [_remap(f, missing) for f in futures]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+
+def _remap(future: Future, missing: list[int]) -> Future:
+    """A future whose indices refer to the full rollout list again."""
+    mapped: Future = Future()
+
+    def done(f: Future) -> None:
+        try:
+            idx, scores = f.result()
+            mapped.set_result(([missing[i] for i in idx], scores))
+        except BaseException as e:  # noqa: BLE001 - handed to collect(), which decides
+            mapped.set_exception(e)
+
+    future.add_done_callback(done)
+    return mapped
+
+
+def _short(error: BaseException) -> str:
+    text = getattr(error, "message", None) or str(error) or type(error).__name__
+    return text.splitlines()[0][:160]

@@ -1,0 +1,300 @@
+"""`opd train`: the on-policy distillation loop, read top to bottom.
+
+per step: sample rollouts from the student → the teacher scores them (pipelined: the next batch is
+sampled while this one is scored) → OPD loss on completion tokens → optimiser step → metrics →
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from opd_student import losses
+from opd_student.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from opd_student.config import TrainConfig
+from opd_student.eval import evaluate
+from opd_student.metrics_log import MetricsLog
+from opd_student.prompts import PromptStream, load_prompts, render
+from opd_student.rollouts import Rollout, pack, sample_completions, student_logprobs, teacher_tensors
+from opd_student.run_setup import RunContext, setup_run
+
+
+@dataclass
+class Batch:
+    rollouts: list[Rollout]
+    futures: list
+    data_state: dict  # prompt-stream position before this batch was drawn (resume restarts here)
+    score_ids: list | None = None  # the student's own top-k ids per position (student_topk_reverse_kl)
+
+
+@contextmanager
+def timed(name: str, metrics: dict):
+    started = time.perf_counter()
+    yield
+    metrics[f"time/{name}_s"] = metrics.get(f"time/{name}_s", 0.0) + time.perf_counter() - started
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    ctx = setup_run(cfg, resume)
+    try:
+        _loop(cfg, ctx)
+    finally:
+        ctx.close()
+    return ctx.run_dir
+
+
+def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
+    model, lm, tokenizer, link = ctx.model, ctx.lm, ctx.tokenizer, ctx.link
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    stream = PromptStream(load_prompts(cfg.prompts), seed=cfg.seed)
+    eval_prompts = load_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
+    metrics_log = MetricsLog(ctx.run_dir)
+    mix_rng = random.Random(cfg.seed)
+
+    step = 0
+    checkpoint = latest_checkpoint(ctx.run_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        step = state["step"]
+        stream.load_state_dict(state["data"])
+        mix_rng.setstate(state["mix_rng"])
+        metrics_log.truncate_after(step)
+        ctx.say(f"resumed from {checkpoint} at step {step}")
+    else:
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+
+    def run_eval(at_step: int) -> None:
+        result = evaluate(
+            lm,
+            tokenizer,
+            link,
+            eval_prompts,
+            cfg.eval_max_new_tokens,
+            cfg.teacher_model,
+            seed=cfg.seed + 1234,
+        )
+        metrics_log.log({"step": at_step, "eval": True, **result})
+        ctx.say(
+            f"eval at step {at_step}: sampled reverse KL {result['eval/reverse_kl']:.4f}, "
+            f"top-20 forward KL {result['eval/topk_forward_kl']:.4f} nats/token"
+        )
+
+    if step == 0:
+        run_eval(0)
+
+    stop = _StopFlag()
+    pending: deque[Batch] = deque()
+
+    def save(at_step: int) -> None:
+        data_state = pending[0].data_state if pending else stream.state_dict()
+        path = save_checkpoint(
+            ctx.run_dir,
+            at_step,
+            model,
+            optimizer,
+            scheduler,
+            {"data": data_state, "mix_rng": mix_rng.getstate()},
+            keep=cfg.keep_checkpoints,
+        )
+        ctx.say(f"checkpoint {path.name}")
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="opd train", unit="step", dynamic_ncols=True)
+    ctx.say_hook = bar.write
+    model.train()
+    while step < cfg.steps and not stop.requested:
+        metrics: dict = {}
+        # Sample up to max_staleness batches ahead: the teacher scores them while this step trains.
+        while len(pending) < min(cfg.max_staleness + 1, cfg.steps - step):
+            with timed("sample", metrics):
+                pending.append(_next_batch(cfg, ctx, stream, mix_rng))
+        batch = pending.popleft()
+        with timed("score_wait", metrics):
+            scores = link.collect(batch.rollouts, batch.futures, cfg.top_k, batch.score_ids)
+        with timed("train", metrics):
+            metrics.update(_optimizer_step(cfg, ctx, optimizer, scheduler, batch, scores))
+        step += 1
+        tokens = metrics["tokens"]
+        metrics.update(
+            {
+                "step": step,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": tokens
+                / max(1e-9, sum(v for k, v in metrics.items() if k.startswith("time/"))),
+            }
+        )
+        metrics_log.log(metrics)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}",
+            kl=f"{metrics['kl/sampled_reverse']:.3f}",
+            tok_s=f"{metrics['tokens_per_s']:.0f}",
+        )
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            run_eval(step)
+        if (cfg.save_every and step % cfg.save_every == 0) or stop.requested or step == cfg.steps:
+            save(step)
+    bar.close()
+    ctx.say_hook = None
+    if stop.requested:
+        ctx.say(f"stopped by {stop.signal_name} at step {step}; resume with --resume --out {ctx.run_dir}")
+        return
+    run_eval(step)
+    ctx.save_final()
+
+
+def _next_batch(cfg: TrainConfig, ctx: RunContext, stream: PromptStream, mix_rng: random.Random) -> Batch:
+    """Sample rollouts (or take dataset sequences, GKD's 1 − λ) and send them to the teacher."""
+    data_state = stream.state_dict()
+    on_policy = losses.gkd_mix(mix_rng, cfg.gkd_lambda)  # one draw per step whatever λ: same RNG stream
+    if on_policy:
+        prompts = [next(stream) for _ in range(cfg.prompts_per_step)]
+        prompt_ids = [render(p, ctx.tokenizer) for p in prompts]
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
+            completions_P_G = sample_completions(
+                ctx.lm,
+                prompt_ids,
+                cfg.samples_per_prompt,
+                cfg.max_new_tokens,
+                cfg.temperature,
+                ctx.tokenizer.eos_token_id,
+                ctx.tokenizer.pad_token_id,
+            )
+        rollouts = [
+            Rollout(ids, c, ctx.teacher_prefix(p), p.teacher or cfg.teacher_model, p.id)
+            for p, ids, group in zip(prompts, prompt_ids, completions_P_G, strict=True)
+            for c in group
+        ]
+    else:
+        rollouts = ctx.dataset_rollouts(cfg.rollouts_per_step)
+    score_ids = _student_top_ids(cfg, ctx, rollouts) if cfg.loss == "student_topk_reverse_kl" else None
+    futures = ctx.link.submit(rollouts, cfg.top_k, score_ids)
+    return Batch(rollouts, futures, data_state, score_ids)
+
+
+@torch.no_grad()
+def _student_top_ids(cfg: TrainConfig, ctx: RunContext, rollouts: list[Rollout]) -> list:
+    """The student's top-k ids at each completion position, for the teacher to score (score_ids)."""
+    out = []
+    for start in range(0, len(rollouts), cfg.micro_batch_size):
+        chunk = rollouts[start : start + cfg.micro_batch_size]
+        batch = pack(chunk, ctx.tokenizer.pad_token_id)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
+            top_B_T_K = student_logprobs(ctx.lm, batch).topk(cfg.top_k, dim=-1).indices.cpu()
+        out += [top_B_T_K[b, : len(r.completion_ids)].tolist() for b, r in enumerate(chunk)]
+    return out
+
+
+def _optimizer_step(cfg: TrainConfig, ctx: RunContext, optimizer, scheduler, batch: Batch, scores) -> dict:
+    """Gradient accumulation over micro-batches, normalised by the step's total completion tokens."""
+    rollouts = batch.rollouts
+    total_tokens = sum(len(r.completion_ids) for r in rollouts)
+    loss_sum = kl_sum = teacher_lp_sum = 0.0
+    optimizer.zero_grad(set_to_none=True)
+    for start in range(0, len(rollouts), cfg.micro_batch_size):
+        idx = range(start, min(start + cfg.micro_batch_size, len(rollouts)))
+        mb = pack([rollouts[i] for i in idx], ctx.tokenizer.pad_token_id)
+        teacher = teacher_tensors([scores[i] for i in idx], mb.mask_B_T.shape[1])
+        score_ids = None
+        if batch.score_ids is not None:
+            score_ids = torch.zeros_like(teacher.score_logprobs_B_T_M, dtype=torch.long)
+            for b, i in enumerate(idx):
+                score_ids[b, : len(batch.score_ids[i])] = torch.tensor(batch.score_ids[i])
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
+            logprobs_B_T_V = student_logprobs(ctx.lm, mb)
+        logprobs_B_T_V = logprobs_B_T_V.cpu() if logprobs_B_T_V.device.type != "cpu" else logprobs_B_T_V
+        q_tok_B_T = logprobs_B_T_V.gather(-1, mb.targets_B_T[..., None])[..., 0]
+        per_token_B_T = _loss(cfg, logprobs_B_T_V, q_tok_B_T, teacher, mb.mask_B_T, score_ids)
+        losses.token_mean(per_token_B_T, total_tokens).backward()
+        loss_sum += per_token_B_T.sum().item()
+        kl_sum += (
+            losses.sampled_reverse_kl(q_tok_B_T.detach(), teacher.token_logprobs_B_T, mb.mask_B_T)
+            .sum()
+            .item()
+        )
+        teacher_lp_sum += (teacher.token_logprobs_B_T * mb.mask_B_T).sum().item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in ctx.model.parameters() if p.requires_grad],
+        cfg.grad_clip if cfg.grad_clip > 0 else math.inf,
+    )
+    optimizer.step()
+    scheduler.step()
+    return {
+        "loss": loss_sum / total_tokens,
+        "kl/sampled_reverse": kl_sum / total_tokens,
+        "teacher/logprob": teacher_lp_sum / total_tokens,
+        "tokens": total_tokens,
+        "rollouts": len(rollouts),
+        "on_policy": int(rollouts[0].on_policy),
+        "grad_norm": float(grad_norm),
+        "completion_len": total_tokens / len(rollouts),
+    }
+
+
+def _loss(cfg: TrainConfig, logprobs_B_T_V, q_tok_B_T, teacher, mask_B_T, score_ids_B_T_K):
+    if cfg.loss == "reverse_kl":
+        adv_B_T = losses.reverse_kl_advantages(
+            q_tok_B_T.detach(), teacher.token_logprobs_B_T, mask_B_T, discount=cfg.discount
+        )
+        return losses.policy_gradient_loss(q_tok_B_T, adv_B_T, mask_B_T)
+    if cfg.loss == "topk_forward_kl":
+        return losses.topk_forward_kl(
+            logprobs_B_T_V,
+            teacher.top_ids_B_T_K,
+            teacher.top_logprobs_B_T_K,
+            teacher.tail_logprob_B_T,
+            mask_B_T,
+        )
+    if cfg.loss == "student_topk_reverse_kl":
+        return losses.student_topk_reverse_kl(
+            logprobs_B_T_V, score_ids_B_T_K, teacher.score_logprobs_B_T_M, mask_B_T
+        )
+    return losses.generalized_jsd(
+        logprobs_B_T_V,
+        teacher.top_ids_B_T_K,
+        teacher.top_logprobs_B_T_K,
+        teacher.tail_logprob_B_T,
+        mask_B_T,
+        beta=cfg.jsd_beta,
+    )
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT ask the loop to finish the current step, checkpoint, and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C means now
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
