@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+
 from opd_client import AsyncHttpTeacherClient, HttpTeacherClient, OpdError, convert, errors
 from opd_client.embedded import DEFAULT_TEACHER, embedded_teacher_dir
 from opd_client.retry import RetryPolicy
@@ -188,7 +189,7 @@ def test_503_without_retry_after_backs_off_exponentially(kind: str, caplog: pyte
     gaps = server.gaps()
     assert len(gaps) == 3
     for gap, expected in zip(gaps, [0.2, 0.4, 0.8], strict=True):
-        assert expected - 0.02 <= gap <= expected + 0.3, gaps
+        assert expected - 0.02 <= gap <= expected + 0.4, gaps
     assert len(retry_warnings(caplog)) == 3
 
 
