@@ -17,13 +17,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
 from opd_client import convert
-from opd_client.errors import OpdError, TooManyTokens, Unavailable, ValidationFailed
+from opd_client.errors import OpdError, TooManyTokens, Unavailable
 from opd_client.grpc_client import MAX_MESSAGE_BYTES
 from opd_client.v1 import teacher_pb2 as pb
 from opd_client.v1 import teacher_pb2_grpc as pb_grpc
 from opd_teacher import metrics
 from opd_teacher.engine import TeacherEngine
-from opd_teacher.http.errors import field_path
+from opd_teacher.pydantic_errors import validation_failed
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         try:
             req = convert.score_request_from_proto(request)
         except ValidationError as e:
-            raise _validation_error(e) from e
+            raise validation_failed(e.errors()) from e
         response = convert.score_result_to_proto(await self.engine.score(req))
         size = response.ByteSize()
         if size > MAX_MESSAGE_BYTES - _RESPONSE_SLACK_BYTES:
@@ -173,15 +173,9 @@ def _as_opd_error(e: Exception, method: str) -> OpdError:
     if isinstance(e, OpdError):
         return e
     if isinstance(e, ValidationError):
-        return _validation_error(e)
+        return validation_failed(e.errors())
     log.exception("unexpected error in %s", method)
     return OpdError(f"internal error in {method}: {type(e).__name__}: {e}")
-
-
-def _validation_error(e: ValidationError) -> ValidationFailed:
-    first = e.errors()[0]
-    field = field_path(tuple(first["loc"]))
-    return ValidationFailed(f"{field}: {first['msg']}", field=field)
 
 
 def _status_code(err: OpdError) -> grpc.StatusCode:

@@ -7,8 +7,10 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from opd_client.errors import InvalidRequest, OpdError, ValidationFailed
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from opd_client.errors import InvalidRequest, OpdError
+from opd_teacher.pydantic_errors import validation_failed
 
 log = logging.getLogger(__name__)
 
@@ -22,37 +24,19 @@ def error_response(err: OpdError) -> JSONResponse:
     return JSONResponse(err.to_body(), status_code=err.http_status, headers=headers)
 
 
-def field_path(loc: tuple) -> str:
-    """('body', 'sequences', 0, 'token_ids', 3) -> 'sequences[0].token_ids[3]'."""
-    out = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("list[int]", "int", "float", "str"):  # pydantic's union-branch markers
-            continue
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
 def validation_error(exc: RequestValidationError) -> OpdError:
     errors = exc.errors()
     for e in errors:
         if e.get("type") == "json_invalid":
             detail = e.get("ctx", {}).get("error", "")
             return InvalidRequest(f"malformed JSON body: {detail}".rstrip(": "), field="body")
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    first = errors[0] if errors else {}
     if tuple(first.get("loc", ())) == ("body",) and isinstance(first.get("input"), bytes | str):
         # FastAPI hands us the raw body when the Content-Type is not JSON (curl -d sends a form type).
         return InvalidRequest(
             "the body must be a JSON object sent with 'Content-Type: application/json'", field="body"
         )
-    field = field_path(tuple(first.get("loc", ())))
-    got = first.get("input")
-    got_text = "" if first.get("type") == "missing" else f" (got {str(got)[:60]!r})"
-    more = f"; and {len(errors) - 1} more problem(s)" if len(errors) > 1 else ""
-    message = f"{field or 'body'}: {first.get('msg')}{got_text}{more}"
-    return ValidationFailed(message, field=field or "body")
+    return validation_failed(errors)
 
 
 def install_error_handlers(app: FastAPI) -> None:
