@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from opd_cli import bench
 from opd_student import cli as student_cli
 from opd_teacher import cli as teacher_cli
 
@@ -15,12 +16,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     teacher_cli.register(sub)
     student_cli.register(sub)
+    bench.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    code = args.func(args)
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

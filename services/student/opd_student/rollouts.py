@@ -96,7 +96,9 @@ def student_logprobs(model, batch: PackedBatch) -> torch.Tensor:
     """log q over the vocabulary at completion positions only: [B, T, V] (fp32), with grad."""
     device = model.device
     hidden_B_L_H = model.base_model(
-        input_ids=batch.input_ids_B_L.to(device), attention_mask=batch.attention_mask_B_L.to(device)
+        input_ids=batch.input_ids_B_L.to(device),
+        attention_mask=batch.attention_mask_B_L.to(device),
+        use_cache=False,
     ).last_hidden_state
     index = batch.positions_B_T.to(device)[:, :, None].expand(-1, -1, hidden_B_L_H.shape[-1])
     hidden_B_T_H = hidden_B_L_H.gather(1, index)

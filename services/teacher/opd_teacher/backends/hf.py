@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from opd_client.embedded import resolve_model
 from opd_client.schema import ModelInfo
 from opd_client.scores import SequenceScores
 from opd_client.tokenizer_hash import tokenizer_sha256
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from opd_teacher.backends.base import ScoreItem
 from opd_teacher.backends.topk import score_hidden
 
@@ -118,7 +118,9 @@ class HFBackend:
             input_ids_B_L[b, : len(ids)] = torch.tensor(ids)
             attention_mask_B_L[b, : len(ids)] = 1
         hidden_B_L_H = self.model.base_model(
-            input_ids=input_ids_B_L.to(self.device), attention_mask=attention_mask_B_L.to(self.device)
+            input_ids=input_ids_B_L.to(self.device),
+            attention_mask=attention_mask_B_L.to(self.device),
+            use_cache=False,  # one pass, no decoding: a KV cache would only cost memory
         ).last_hidden_state
 
         # The hidden state at position j predicts token j + 1: completion token t is scored from j = t - 1.

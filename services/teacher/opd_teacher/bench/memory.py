@@ -3,7 +3,7 @@
 Each variant runs in its own fresh subprocess, so one variant's peak cannot hide inside the other's (the
 process high-water mark never goes down, and the allocator keeps some freed memory for reuse):
 
-    python -m opd_teacher.bench.memory                     # both variants: table, agreement, JSON
+    python -m opd_teacher.bench.memory                     # every variant: table, agreement, JSON
     python -m opd_teacher.bench.memory --variant chunked   # one variant in this process: one JSON line
 
 Variants, on the same random tokens (fixed seed), each row = prompt_len prompt tokens + a completion:
@@ -11,6 +11,8 @@ Variants, on the same random tokens (fixed seed), each row = prompt_len prompt t
   only, chunk_tokens rows at a time (backends/topk.py).
 - full: the naive way, `model(input_ids).logits` for every position, log_softmax over all of it, then
   topk / gather on the completion positions.
+- forward: the reference floor, only the transformer forward to hidden states as HFBackend runs it (no
+  lm_head); what any way of scoring pays before the first logit.
 
 On CPU, scoring memory is resident set size (RSS) above a baseline taken just before scoring (model
 loaded, one short warm-up call done so every weight page is resident, token batch built). The peak is
@@ -37,12 +39,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from opd_client.embedded import DEFAULT_TEACHER
 
+from opd_client.embedded import DEFAULT_TEACHER
 from opd_teacher.backends.base import ScoreItem
 from opd_teacher.backends.hf import HFBackend, HFLimits
 
-VARIANTS = ("chunked", "full")
+VARIANTS = ("forward", "chunked", "full")
 MIB = 1 << 20
 SAMPLE_INTERVAL_S = 0.005
 
@@ -75,25 +77,32 @@ def run_memory_bench(
     model: str = DEFAULT_TEACHER,
     max_batch_tokens: int = 8192,
     seed: int = 0,
+    variants: tuple[str, ...] = VARIANTS,
 ) -> dict:
-    """Both variants, each in a fresh subprocess, one after the other; their results and agreement."""
+    """The variants (chunked and full at least), each in a fresh subprocess, one after the other."""
     cfg = BenchConfig(
         model, batch, seq_len, prompt_len, top_k, chunk_tokens, max_batch_tokens, device, dtype, seed
     )
     if not 1 <= prompt_len < seq_len:
         raise ValueError(f"--prompt-len must be in [1, seq_len={seq_len}); got {prompt_len}")
-    variants, arrays = {}, {}
+    if not {"chunked", "full"} <= set(variants) <= set(VARIANTS):
+        raise ValueError(f"variants must include chunked and full, from {VARIANTS}; got {variants}")
+    results, arrays = {}, {}
     with tempfile.TemporaryDirectory(prefix="opd-bench-memory-") as tmp:
-        for variant in VARIANTS:
+        for variant in variants:
             arrays_path = Path(tmp) / f"{variant}.npz"
-            variants[variant] = _run_in_subprocess(cfg, variant, arrays_path)
-            with np.load(arrays_path) as loaded:
-                arrays[variant] = dict(loaded)
-    vocab = variants["chunked"]["vocab_size"]
+            results[variant] = _run_in_subprocess(cfg, variant, arrays_path)
+            if arrays_path.exists():  # the forward variant scores nothing
+                with np.load(arrays_path) as loaded:
+                    arrays[variant] = dict(loaded)
+    chunked = results["chunked"]
+    theory = theoretical_sizes_mib(cfg, chunked["vocab_size"])
+    if chunked["use_cache"]:  # transformers builds it from the model config unless told use_cache=False
+        theory["kv_cache"] = chunked["kv_cache_mib"]
     return {
         "config": asdict(cfg),
-        "theory_mib": theoretical_sizes_mib(cfg, vocab),
-        "variants": variants,
+        "theory_mib": theory,
+        "variants": results,
         "agreement": agreement(arrays["chunked"], arrays["full"]),
     }
 
@@ -124,13 +133,7 @@ def agreement(chunked: dict[str, np.ndarray], full: dict[str, np.ndarray]) -> di
 
 
 def _run_in_subprocess(cfg: BenchConfig, variant: str, arrays_path: Path) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "opd_teacher.bench.memory",
-        f"--variant={variant}",
-        f"--arrays-out={arrays_path}",
-    ]
+    cmd = [sys.executable, "-m", __spec__.name, f"--variant={variant}", f"--arrays-out={arrays_path}"]
     done = subprocess.run(cmd + cfg.cli_flags(), capture_output=True, text=True, check=False)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
@@ -143,7 +146,7 @@ def _run_in_subprocess(cfg: BenchConfig, variant: str, arrays_path: Path) -> dic
 
 def run_variant(cfg: BenchConfig, variant: str, arrays_out: Path | None = None) -> dict:
     """Load the model, warm up, score the batch under a MemoryProbe; the probe's figures and timings."""
-    score = {"chunked": score_chunked, "full": score_full}[variant]
+    score = {"forward": forward_only, "chunked": score_chunked, "full": score_full}[variant]
     started = time.perf_counter()
     limits = HFLimits(
         max_top_k=max(cfg.top_k, HFLimits.max_top_k),
@@ -153,27 +156,41 @@ def run_variant(cfg: BenchConfig, variant: str, arrays_out: Path | None = None) 
     backend = HFBackend(cfg.model, cfg.model, dtype=cfg.dtype, device=cfg.device, limits=limits)
     load_s = time.perf_counter() - started
     tokens_B_L = random_tokens(cfg, backend.info.vocab_size)
-    # Warm-up on a short row: makes every (possibly memory-mapped) weight page resident and starts the thread
-    # pools, so the baseline already holds them and the peak is what scoring adds.
-    score(backend, tokens_B_L[:1, : cfg.prompt_len + 8], cfg.prompt_len, cfg.top_k)
+    # Warm-up on a short row, scored (so the lm_head runs) and through this variant. transformers memory-maps
+    # the safetensors weights and a forward alone leaves most of the tied embedding unread; after this every
+    # weight page is resident and the thread pools are up, so each variant's baseline holds the same and its
+    # peak is what its scoring adds.
+    short_B_L = tokens_B_L[:1, : cfg.prompt_len + 8]
+    score_chunked(backend, short_B_L, cfg.prompt_len, cfg.top_k)
+    score(backend, short_B_L, cfg.prompt_len, cfg.top_k)
 
     with MemoryProbe(backend.device) as probe:
         started = time.perf_counter()
         out = score(backend, tokens_B_L, cfg.prompt_len, cfg.top_k)
         score_s = time.perf_counter() - started
-    if arrays_out is not None:
+    if arrays_out is not None and out:
         np.savez(arrays_out, **out)
     return {
         "variant": variant,
         "device": str(backend.device),
         "dtype": str(backend.dtype).removeprefix("torch."),
         "vocab_size": backend.info.vocab_size,
-        "scored_positions": int(out["token_logprobs_N"].shape[0]),
+        "scored_positions": int(out["token_logprobs_N"].shape[0]) if out else 0,
         "torch_threads": torch.get_num_threads(),
+        "use_cache": bool(getattr(backend.model.config, "use_cache", False)),
+        "kv_cache_mib": kv_cache_mib(backend.model.config, cfg.batch, cfg.seq_len, backend.dtype),
         "load_s": round(load_s, 3),
         "score_s": round(score_s, 3),
         **probe.report(),
     }
+
+
+def kv_cache_mib(config, batch: int, seq_len: int, dtype: torch.dtype) -> float:
+    """Size of the key/value cache a forward builds when use_cache is on: layers x (K, V) x B x L x heads x dim."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    elements = config.num_hidden_layers * 2 * batch * seq_len * kv_heads * head_dim
+    return elements * torch.finfo(dtype).bits / 8 / MIB
 
 
 def random_tokens(cfg: BenchConfig, vocab: int) -> torch.Tensor:
@@ -196,10 +213,19 @@ def score_chunked(backend: HFBackend, tokens_B_L: torch.Tensor, prompt_len: int,
 
 
 @torch.inference_mode()
+def forward_only(backend: HFBackend, tokens_B_L: torch.Tensor, prompt_len: int, top_k: int) -> dict:
+    """The transformer forward alone, called as HFBackend._score_batch calls it (keep the two in step)."""
+    input_ids_B_L = tokens_B_L.to(backend.device)
+    attention_mask_B_L = torch.ones_like(input_ids_B_L)
+    backend.model.base_model(input_ids=input_ids_B_L, attention_mask=attention_mask_B_L, use_cache=False)
+    return {}
+
+
+@torch.inference_mode()
 def score_full(backend: HFBackend, tokens_B_L: torch.Tensor, prompt_len: int, top_k: int) -> dict:
     """The naive way: logits for all B × L positions, log-softmax over all of it, then pick positions."""
     input_ids_B_L = tokens_B_L.to(backend.device)
-    logits_B_L_V = backend.model(input_ids=input_ids_B_L).logits
+    logits_B_L_V = backend.model(input_ids=input_ids_B_L, use_cache=False).logits
     logprobs_B_L_V = torch.log_softmax(logits_B_L_V.float(), dim=-1)  # the logits stay alive beside it
     # Position j predicts token j + 1: completion tokens prompt_len.. are scored from prompt_len - 1 .. L - 2.
     scored_B_T_V = logprobs_B_L_V[:, prompt_len - 1 : -1]
@@ -341,8 +367,8 @@ def format_table(result: dict) -> str:
         f"{'variant':<8} {'peak MiB over baseline':>23} {'(sampled / hwm)':>20} {'baseline MiB':>13} {'score s':>8}",
     ]
     for name, v in result["variants"].items():
-        hwm = v.get("peak_over_baseline_hwm_mib")
-        views = f"{v.get('peak_over_baseline_sampled_mib', 0):.0f} / {'-' if hwm is None else f'{hwm:.0f}'}"
+        sampled, hwm = v.get("peak_over_baseline_sampled_mib"), v.get("peak_over_baseline_hwm_mib")
+        views = "-" if sampled is None else f"{sampled:.0f} / {'-' if hwm is None else f'{hwm:.0f}'}"
         lines.append(
             f"{name:<8} {v['peak_over_baseline_mib']:>23.0f} {views:>20} {v['baseline_mib']:>13.0f} {v['score_s']:>8.1f}"
         )
@@ -351,7 +377,8 @@ def format_table(result: dict) -> str:
         f"{agree['token_logprobs_max_abs_diff']:.2e}, top ids equal {100 * agree['top_ids_equal_fraction']:.2f}%",
         f"theory (fp32): full logits {theory['full_logits']:.0f} MiB (+ log-softmax "
         f"{theory['full_logits_plus_log_softmax']:.0f}), one chunk {theory['chunk_logits']:.0f} MiB "
-        f"(+ log-softmax {theory['chunk_logits_plus_log_softmax']:.0f})",
+        f"(+ log-softmax {theory['chunk_logits_plus_log_softmax']:.0f})"
+        + (f", KV cache built by the forward {theory['kv_cache']:.0f} MiB" if "kv_cache" in theory else ""),
     ]
     return "\n".join(lines)
 

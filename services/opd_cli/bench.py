@@ -1,0 +1,11 @@
+"""`opd bench ...`: the benchmarks whose figures are in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks (results in docs/benchmarks.md)")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    from opd_teacher.bench import memory
+
+    memory.register(bench)
