@@ -6,9 +6,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from opd_client.convert import score_result_from_json
 from opd_client.embedded import embedded_teacher_dir
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 TOL = 1e-4  # max abs diff in nats, fp32 (issue 3)
 

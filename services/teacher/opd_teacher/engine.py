@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from opd_client import schema
 from opd_client.errors import InvalidRequest, NotFound, Unavailable
 from opd_client.scores import ScoreResult
-
 from opd_teacher import metrics
 from opd_teacher.backends.base import Backend
 from opd_teacher.validate import validate_score_request

@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from opd_client import schema
 from opd_client.errors import InvalidRequest, TooManyTokens
-
 from opd_teacher.backends.base import ScoreItem
 
 

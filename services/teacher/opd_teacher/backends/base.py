@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
 from opd_client.schema import ModelInfo
 from opd_client.scores import SequenceScores
 

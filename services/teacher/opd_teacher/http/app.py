@@ -6,10 +6,10 @@ import time
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from opd_client import convert, schema
-from opd_client.errors import OpdError, Unavailable
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from opd_client import convert, schema
+from opd_client.errors import OpdError, Unavailable
 from opd_teacher import metrics
 from opd_teacher.engine import TeacherEngine
 from opd_teacher.http.auth import BearerAuth

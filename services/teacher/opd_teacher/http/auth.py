@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 
 from opd_client.errors import Unauthenticated
-
 from opd_teacher.http.errors import error_response
 
 OPEN_PREFIXES = ("/health/", "/health", "/v2/health/")
