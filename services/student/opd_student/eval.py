@@ -55,10 +55,9 @@ def evaluate(
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             prompt_ids = [render(p, tokenizer) for p in chunk]
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-                completions = sample_completions(
-                    model, prompt_ids, 1, max_new_tokens, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id
-                )
+            completions = sample_completions(
+                model, prompt_ids, 1, max_new_tokens, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id
+            )
             rollouts = [
                 Rollout(ids, c[0], _teacher_prefix(p, tokenizer), p.teacher or teacher_model, p.id)
                 for p, ids, c in zip(chunk, prompt_ids, completions, strict=True)

@@ -163,16 +163,16 @@ def _next_batch(cfg: TrainConfig, ctx: RunContext, stream: PromptStream, mix_rng
     if on_policy:
         prompts = [next(stream) for _ in range(cfg.prompts_per_step)]
         prompt_ids = [render(p, ctx.tokenizer) for p in prompts]
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
-            completions_P_G = sample_completions(
-                ctx.lm,
-                prompt_ids,
-                cfg.samples_per_prompt,
-                cfg.max_new_tokens,
-                cfg.temperature,
-                ctx.tokenizer.eos_token_id,
-                ctx.tokenizer.pad_token_id,
-            )
+        # No autocast here: under autocast every decoding step re-casts the weights (measured 6x slower on CPU).
+        completions_P_G = sample_completions(
+            ctx.lm,
+            prompt_ids,
+            cfg.samples_per_prompt,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            ctx.tokenizer.eos_token_id,
+            ctx.tokenizer.pad_token_id,
+        )
         rollouts = [
             Rollout(ids, c, ctx.teacher_prefix(p), p.teacher or cfg.teacher_model, p.id)
             for p, ids, group in zip(prompts, prompt_ids, completions_P_G, strict=True)
