@@ -15,13 +15,13 @@ from opd_student.config import TrainConfig
 
 # Settings that finish in about 10 minutes on 2 CPU cores (measured: docs/benchmarks.md).
 DEMO = dict(
-    steps=16,
+    steps=24,
     prompts_per_step=4,
     samples_per_prompt=2,
     max_new_tokens=48,
     loss="reverse_kl",
     lr=5e-5,
-    save_every=4,
+    save_every=8,
     eval_num_prompts=32,
     eval_max_new_tokens=48,
 )
