@@ -97,6 +97,7 @@ class HarmMeter:
 
     def __init__(self, model: nn.Module, held_out: HeldOut):
         self.model = model.eval()
+        self.head = model.get_output_embeddings()
         self.n_layers = len(decoder_layers(model))
         device = next(model.parameters()).device
         self.input_ids_B_L = held_out.input_ids_B_L[:, :-1].to(device)  # the last token predicts nothing
@@ -105,17 +106,22 @@ class HarmMeter:
         self.mask_B_C = held_out.completion_mask_B_C.to(device=device, dtype=torch.float32)
         self.completion_len = held_out.completion_len
         self.evaluations = 0
-        teacher_logprobs_B_C_V = self._logprobs(list(range(self.n_layers)))
-        self.teacher_probs_B_C_V = teacher_logprobs_B_C_V.exp()
-        # Σ_v p log p per position: the half of the KL that does not depend on the candidate.
-        self.teacher_neg_entropy_B_C = (self.teacher_probs_B_C_V * teacher_logprobs_B_C_V).sum(-1)
-        del teacher_logprobs_B_C_V
+        self._check_head_is_plain()
+        probs_B_C_V, neg_entropy_B_C = [], []
+        for hidden_C_H in self._completion_hidden(list(range(self.n_layers))):
+            logprobs_C_V = self._row_logprobs(hidden_C_H)
+            probs_B_C_V.append(logprobs_C_V.exp())
+            # Σ_v p log p per position: the half of the KL that does not depend on the candidate.
+            neg_entropy_B_C.append((probs_B_C_V[-1] * logprobs_C_V).sum(-1))
+        self.teacher_probs_B_C_V = torch.stack(probs_B_C_V)
+        self.teacher_neg_entropy_B_C = torch.stack(neg_entropy_B_C)
         self.reuse_prefix = self._inputs_embeds_is_identity()
+        self.evaluations = 0  # count candidates only, not the teacher and the checks above
 
     @torch.no_grad()
     def kl(self, kept: list[int]) -> float:
         """Mean per-token KL(teacher ‖ model with only `kept` layers) over the completion tokens."""
-        return self._kl_of(self._logprobs(kept))
+        return self._kl_of(self._completion_hidden(kept))
 
     @torch.no_grad()
     def kl_of_each_removal(self, kept: list[int]) -> dict[int, float]:
@@ -124,28 +130,39 @@ class HarmMeter:
             return {layer: self.kl([k for k in kept if k != layer]) for layer in kept}
         inputs_J_B_L_H = self._layer_inputs(kept)
         return {
-            layer: self._kl_of(self._logprobs(kept[j + 1 :], inputs_embeds=inputs_J_B_L_H[j]))
+            layer: self._kl_of(self._completion_hidden(kept[j + 1 :], inputs_embeds=inputs_J_B_L_H[j]))
             for j, layer in enumerate(kept)
         }
 
-    def _kl_of(self, logprobs_B_C_V: torch.Tensor) -> float:
-        cross_B_C = (self.teacher_probs_B_C_V * logprobs_B_C_V).sum(-1)
-        kl_B_C = self.teacher_neg_entropy_B_C - cross_B_C
-        return float((kl_B_C * self.mask_B_C).sum() / self.mask_B_C.sum())
+    def _kl_of(self, hidden_B_C_H: torch.Tensor) -> float:
+        # One sequence at a time: its logits (C × V, ~9 MB) come back from the heap on every call, while the
+        # whole batch's (~75 MB) would be fresh pages each time (page faults cost ~15% of the search).
+        kl_sum = torch.zeros((), device=hidden_B_C_H.device)
+        for b, hidden_C_H in enumerate(hidden_B_C_H):
+            cross_C = (self.teacher_probs_B_C_V[b] * self._row_logprobs(hidden_C_H)).sum(-1)
+            kl_sum += ((self.teacher_neg_entropy_B_C[b] - cross_C) * self.mask_B_C[b]).sum()
+        return float(kl_sum / self.mask_B_C.sum())
+
+    def _row_logprobs(self, hidden_C_H: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.head(hidden_C_H).float(), dim=-1)
 
     @torch.no_grad()
-    def _logprobs(self, layers: list[int], inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def _completion_hidden(
+        self, layers: list[int], inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final hidden states (after the last norm) at the positions that predict the completion tokens."""
         self.evaluations += 1
-        inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": self.input_ids_B_L}
+        inputs = (
+            {"input_ids": self.input_ids_B_L} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+        )
         with kept_layers_view(self.model, layers):
-            logits_B_C_V = self.model(
+            hidden_B_L_H = self.model.model(
                 **inputs,
                 attention_mask=self.attention_mask_B_L,
                 position_ids=self.position_ids_B_L,
                 use_cache=False,
-                logits_to_keep=self.completion_len,
-            ).logits
-        return torch.log_softmax(logits_B_C_V.float(), dim=-1)
+            ).last_hidden_state
+        return hidden_B_L_H[:, -self.completion_len :]
 
     @torch.no_grad()
     def _layer_inputs(self, kept: list[int]) -> list[torch.Tensor]:
@@ -156,7 +173,9 @@ class HarmMeter:
             inputs_J_B_L_H.append(args[0] if args else kwargs["hidden_states"])
 
         with kept_layers_view(self.model, kept):
-            hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.model.model.layers]
+            hooks = [
+                layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.model.model.layers
+            ]
             try:
                 self.model.model(
                     input_ids=self.input_ids_B_L,
@@ -170,12 +189,38 @@ class HarmMeter:
         return inputs_J_B_L_H
 
     @torch.no_grad()
+    def _check_head_is_plain(self) -> None:
+        """The meter computes logits as head(final hidden state); make sure that is what the model does
+        (true for the Llama family; not for models that soft-cap or scale logits)."""
+        two = list(range(min(2, self.n_layers)))
+        with kept_layers_view(self.model, two):
+            logits_B_L_V = self.model(
+                input_ids=self.input_ids_B_L[:1],
+                attention_mask=self.attention_mask_B_L[:1],
+                position_ids=self.position_ids_B_L[:1],
+                use_cache=False,
+            ).logits
+            hidden_B_L_H = self.model.model(
+                input_ids=self.input_ids_B_L[:1],
+                attention_mask=self.attention_mask_B_L[:1],
+                position_ids=self.position_ids_B_L[:1],
+                use_cache=False,
+            ).last_hidden_state
+        if not torch.allclose(self.head(hidden_B_L_H), logits_B_L_V, rtol=1e-4, atol=1e-4):
+            raise NotImplementedError(
+                f"{type(self.model).__name__}: logits are not lm_head(final hidden state); layer pruning "
+                "supports Llama-family causal LMs"
+            )
+
+    @torch.no_grad()
     def _inputs_embeds_is_identity(self) -> bool:
         """Prefix reuse is exact only if the model feeds `inputs_embeds` to layer 0 unchanged (Llama does;
         Gemma, for one, scales them) — checked once instead of trusted per architecture."""
-        embeds = self.model.get_input_embeddings()(self.input_ids_B_L)
-        first_two = list(range(min(2, self.n_layers)))
-        return torch.equal(self._logprobs(first_two), self._logprobs(first_two, inputs_embeds=embeds))
+        embeds_B_L_H = self.model.get_input_embeddings()(self.input_ids_B_L)
+        two = list(range(min(2, self.n_layers)))
+        from_ids = self._completion_hidden(two)
+        from_embeds = self._completion_hidden(two, inputs_embeds=embeds_B_L_H)
+        return torch.allclose(from_ids, from_embeds, rtol=1e-5, atol=1e-6)
 
 
 @dataclass
@@ -216,13 +261,18 @@ def ranked_removal(meter: HarmMeter, keep: int, on_round: RoundCallback | None =
     full = list(range(meter.n_layers))
     kl_by_layer = meter.kl_of_each_removal(full)
     order = sorted(full, key=lambda i: (kl_by_layer[i], i))[: meter.n_layers - keep]
-    kept, kls = full, []
+    kls = []
     for n, layer in enumerate(order, start=1):
-        kept = [k for k in kept if k != layer]
-        kls.append(meter.kl(kept))
+        kls.append(meter.kl([k for k in full if k not in order[:n]]))
         if on_round:
             on_round(n, layer, kls[-1], time.perf_counter() - started)
-    return Removal(kept, order, kls)
+    return Removal([k for k in full if k not in order], order, kls)
+
+
+def kl_after_each_removal(meter: HarmMeter, removed: list[int]) -> list[float]:
+    """The KL after removing removed[:1], removed[:2], ... (to re-measure a search's result exactly)."""
+    full = list(range(meter.n_layers))
+    return [meter.kl([k for k in full if k not in removed[:n]]) for n in range(1, len(removed) + 1)]
 
 
 STRATEGIES = {"greedy": greedy_removal, "ranked": ranked_removal}
