@@ -54,7 +54,15 @@ def run_train(
     timeout: float = 300,
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "OPD_TEACHER_API_KEY": api_key}
-    cmd = [
+    cmd = train_cmd(teacher_url, student, out, *args)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def train_cmd(teacher_url: str, student: Path, out: Path, *args: str) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "opd_cli.main",
@@ -68,10 +76,16 @@ def run_train(
         *FAST,
         *args,
     ]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+
+
+def wait_for_step(out: Path, step: int, timeout: float = 240) -> None:
+    """Until the run in `out` has logged training step `step` (bounded in time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / "metrics.jsonl").exists() and max(train_steps(out), default=0) >= step:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{out} did not reach step {step} in {timeout} s")
 
 
 def train_steps(run_dir: Path) -> list[int]:
@@ -150,29 +164,9 @@ def test_gkd_mixing_and_lora_and_config_file(teacher, student_dir, tmp_path):
 def test_sigkill_then_resume_has_no_gap_and_no_repeat(teacher, student_dir, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OPD_TEACHER_API_KEY": teacher.api_key}
-    cmd = [
-        sys.executable,
-        "-m",
-        "opd_cli.main",
-        "train",
-        "--teacher-url",
-        teacher.http_url,
-        "--student",
-        str(student_dir),
-        "--out",
-        str(out),
-        *FAST,
-        "--steps",
-        "8",
-        "--save-every",
-        "2",
-    ]
+    cmd = train_cmd(teacher.http_url, student_dir, out, "--steps", "8", "--save-every", "2")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and (
-        not (out / "metrics.jsonl").exists() or max(train_steps(out), default=0) < 5
-    ):
-        time.sleep(0.2)
+    wait_for_step(out, 5)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = max(train_steps(out))
@@ -187,29 +181,9 @@ def test_sigkill_then_resume_has_no_gap_and_no_repeat(teacher, student_dir, tmp_
 def test_sigterm_checkpoints_and_resume_continues(teacher, student_dir, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OPD_TEACHER_API_KEY": teacher.api_key}
-    cmd = [
-        sys.executable,
-        "-m",
-        "opd_cli.main",
-        "train",
-        "--teacher-url",
-        teacher.http_url,
-        "--student",
-        str(student_dir),
-        "--out",
-        str(out),
-        *FAST,
-        "--steps",
-        "30",
-        "--save-every",
-        "100",
-    ]
+    cmd = train_cmd(teacher.http_url, student_dir, out, "--steps", "30", "--save-every", "100")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and (
-        not (out / "metrics.jsonl").exists() or max(train_steps(out), default=0) < 2
-    ):
-        time.sleep(0.2)
+    wait_for_step(out, 2)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
@@ -226,30 +200,10 @@ def test_teacher_outage_mid_run_is_waited_out(tmp_path, student_dir, tiny_model_
     first = start_teacher(tmp_path / "t1", [f"tiny={tiny_model_dir}"], port=port, grpc_port=grpc_port)
     out = tmp_path / "run"
     env = {**os.environ, "OPD_TEACHER_API_KEY": first.api_key}
-    cmd = [
-        sys.executable,
-        "-m",
-        "opd_cli.main",
-        "train",
-        "--teacher-url",
-        first.http_url,
-        "--student",
-        str(student_dir),
-        "--out",
-        str(out),
-        *FAST,
-        "--steps",
-        "8",
-        "--save-every",
-        "0",
-    ]
+    cmd = train_cmd(first.http_url, student_dir, out, "--steps", "8", "--save-every", "0")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and (
-            not (out / "metrics.jsonl").exists() or max(train_steps(out), default=0) < 2
-        ):
-            time.sleep(0.2)
+        wait_for_step(out, 2)
         first.stop()
         time.sleep(8)  # the trainer hits the outage and waits
         second = start_teacher(tmp_path / "t2", [f"tiny={tiny_model_dir}"], port=port, grpc_port=grpc_port)
