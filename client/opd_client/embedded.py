@@ -12,6 +12,7 @@ import fcntl
 import importlib.util
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_TEACHER = "smollm2-135m-instruct"
@@ -51,24 +52,30 @@ def resolve_model(name_or_path: str) -> tuple[Path, str]:
 
 
 def embedded_teacher_dir() -> Path:
-    """The converted default teacher, made on first use; concurrent callers wait for one conversion."""
-    target = cache_dir() / "models" / DEFAULT_TEACHER
+    """The converted default teacher, made on first use."""
+    return build_once(cache_dir() / "models" / DEFAULT_TEACHER, lambda tmp: _convert_gguf(gguf_path(), tmp))
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """A cached model directory, built on first use by build(tmp_dir); concurrent callers wait for one
+    build (file lock), and a half-written directory is never taken for a model (atomic rename)."""
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{DEFAULT_TEACHER}.lock", "w") as lock:
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "config.json").exists():
-            _convert_gguf(gguf_path(), target)
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp)
+            tmp.rename(target)
     return target
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
+def _convert_gguf(gguf: Path, tmp: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are plain fp32 after de-quantisation, but transformers keeps GGUF markers that make
@@ -80,4 +87,3 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "opd_source.txt").write_text(_SOURCE + "\n")
-    tmp.rename(target)  # atomic: a half-written directory is never taken for a model

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import fcntl
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from opd_client.embedded import DEFAULT_TEACHER, cache_dir, resolve_model
+from opd_client.embedded import DEFAULT_TEACHER, build_once, cache_dir, resolve_model
 from opd_student.layer_pruning import (
     STRATEGIES,
     HarmMeter,
@@ -209,18 +207,12 @@ def default_student_dir(log=print) -> Path:
     """The default student (the embedded teacher pruned to 20 layers), made on first use; concurrent
     callers wait for one creation, and a half-written directory is never taken for a model."""
     target = cache_dir() / "students" / f"{DEFAULT_TEACHER}-{DEFAULT_LAYERS}L"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").exists():
-            log(f"making the default student (first use; cached in {target})")
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            make_student(DEFAULT_TEACHER, DEFAULT_LAYERS, tmp, device="auto", log=log)
-            tmp.rename(target)
-    return target
+
+    def build(tmp: Path) -> None:
+        log(f"making the default student (first use; cached in {target})")
+        make_student(DEFAULT_TEACHER, DEFAULT_LAYERS, tmp, device="auto", log=log)
+
+    return build_once(target, build)
 
 
 def resolve_student(name_or_path: str) -> Path:
