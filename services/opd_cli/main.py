@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
+import os
 
-from opd_cli import bench
+# Before anything imports torch: idle OpenMP threads sleep instead of spinning. The teacher service and the
+# trainer share the cores in `opd demo`; with spinning (the default) each slowed the other 5-8x here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+
+from opd_cli import bench  # noqa: E402
 from opd_student import cli as student_cli
 from opd_teacher import cli as teacher_cli
 
