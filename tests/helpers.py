@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opd_client.launch import LocalTeacher, free_port
+import httpx
+import numpy as np
 
-__all__ = ["LocalTeacher", "free_port", "make_tiny_model", "start_teacher"]
+from opd_client.launch import LocalTeacher, free_port
+from opd_client.scores import ScoreResult
+
+__all__ = [
+    "LocalTeacher",
+    "assert_same_scores",
+    "free_port",
+    "make_tiny_model",
+    "post_score",
+    "start_teacher",
+]
 
 
 def make_tiny_model(out_dir: Path, layers: int = 4, seed: int = 0) -> Path:
@@ -62,3 +73,29 @@ def start_teacher(
         grpc_port=grpc_port,
         extra_args=["--device", "cpu", "--dtype", "float32", *extra_args],
     )
+
+
+def post_score(teacher: LocalTeacher, body: dict) -> dict:
+    """POST /v1/score with the teacher's key; the JSON body of a 200 answer."""
+    r = httpx.post(
+        f"{teacher.http_url}/v1/score",
+        json=body,
+        timeout=120,
+        headers={"Authorization": f"Bearer {teacher.api_key}"},
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_same_scores(a: ScoreResult, b: ScoreResult, atol: float = 0.0) -> None:
+    """Same model, usage, ids exactly, and every logprob array within atol."""
+    assert a.model == b.model and len(a.sequences) == len(b.sequences)
+    assert (a.scored_tokens, a.forward_tokens) == (b.scored_tokens, b.forward_tokens)
+    for x, y in zip(a.sequences, b.sequences, strict=True):
+        np.testing.assert_array_equal(x.top_ids_T_K, y.top_ids_T_K)
+        for attr in ("token_logprobs_T", "top_logprobs_T_K", "tail_logprob_T", "score_logprobs_T_M"):
+            u, v = getattr(x, attr), getattr(y, attr)
+            assert (u is None) == (v is None), attr
+            if u is not None:
+                assert u.shape == v.shape, attr
+                assert np.max(np.abs(u - v), initial=0.0) <= atol, attr

@@ -9,12 +9,11 @@ import itertools
 import time
 
 import grpc
-import httpx
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from helpers import free_port
+from helpers import assert_same_scores, free_port, post_score
 from opd_client import convert, errors, schema
 from opd_client.base import make_score_request
 from opd_client.grpc_client import MAX_MESSAGE_BYTES, GrpcTeacherClient
@@ -68,27 +67,7 @@ def request(
 
 def http_score(teacher, req: schema.ScoreRequest) -> ScoreResult:
     body = req.model_dump(exclude_none=True) | {"format": "binary"}
-    r = httpx.post(
-        f"{teacher.http_url}/v1/score",
-        json=body,
-        timeout=120,
-        headers={"Authorization": f"Bearer {teacher.api_key}"},
-    )
-    assert r.status_code == 200, r.text
-    return convert.score_result_from_json(r.json())
-
-
-def assert_same_scores(a: ScoreResult, b: ScoreResult, atol: float = ATOL) -> None:
-    assert a.model == b.model and len(a.sequences) == len(b.sequences)
-    assert (a.scored_tokens, a.forward_tokens) == (b.scored_tokens, b.forward_tokens)
-    for x, y in zip(a.sequences, b.sequences, strict=True):
-        np.testing.assert_array_equal(x.top_ids_T_K, y.top_ids_T_K)
-        for attr in ("token_logprobs_T", "top_logprobs_T_K", "tail_logprob_T", "score_logprobs_T_M"):
-            u, v = getattr(x, attr), getattr(y, attr)
-            assert (u is None) == (v is None), attr
-            if u is not None:
-                assert u.shape == v.shape, attr
-                assert np.max(np.abs(u - v), initial=0.0) <= atol, attr
+    return convert.score_result_from_json(post_score(teacher, body))
 
 
 def trailers(e: grpc.RpcError) -> dict[str, str]:
@@ -135,7 +114,7 @@ def test_get_info_lists_both_models(teacher, stub, client):
     ids=["top20", "tiny-full-vocab", "temperature-score-ids", "prefix-two-sequences"],
 )
 def test_score_equals_http(teacher, client, req):
-    assert_same_scores(client.score(**_score_kwargs(req)), http_score(teacher, req))
+    assert_same_scores(client.score(**_score_kwargs(req)), http_score(teacher, req), atol=ATOL)
 
 
 def _score_kwargs(req: schema.ScoreRequest) -> dict:
@@ -183,7 +162,9 @@ def test_score_stream_mixes_results_and_per_item_errors(teacher, stub, client):
     for rid, req in good.items():
         assert by_id[rid].WhichOneof("outcome") == "response", by_id[rid]
         assert_same_scores(
-            convert.score_result_from_proto(by_id[rid].response), client.score(**_score_kwargs(req))
+            convert.score_result_from_proto(by_id[rid].response),
+            client.score(**_score_kwargs(req)),
+            atol=ATOL,
         )
     for rid, (_, code, field) in bad.items():
         assert by_id[rid].WhichOneof("outcome") == "error", rid
@@ -197,7 +178,7 @@ def test_score_stream_mixes_results_and_per_item_errors(teacher, stub, client):
     assert sorted(outcomes) == list(range(len(order)))
     for i, rid in enumerate(order):
         if rid in good:
-            assert_same_scores(outcomes[i], client.score(**_score_kwargs(good[rid])))
+            assert_same_scores(outcomes[i], client.score(**_score_kwargs(good[rid])), atol=ATOL)
         else:
             assert isinstance(outcomes[i], errors.OpdError) and outcomes[i].field == bad[rid][2], outcomes[i]
 

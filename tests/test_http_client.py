@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+from helpers import assert_same_scores
 from opd_client import AsyncHttpTeacherClient, HttpTeacherClient, OpdError, convert, errors
 from opd_client.embedded import DEFAULT_TEACHER, embedded_teacher_dir
 from opd_client.retry import RetryPolicy
@@ -145,18 +146,6 @@ def retry_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
         for r in caplog.records
         if r.name == "opd_client.http_client" and r.levelno == logging.WARNING
     ]
-
-
-def assert_same_scores(a: ScoreResult, b: ScoreResult, atol: float = 0.0) -> None:
-    assert a.model == b.model and len(a.sequences) == len(b.sequences)
-    for x, y in zip(a.sequences, b.sequences, strict=True):
-        np.testing.assert_array_equal(x.top_ids_T_K, y.top_ids_T_K)
-        for attr in ("token_logprobs_T", "top_logprobs_T_K", "tail_logprob_T", "score_logprobs_T_M"):
-            u, v = getattr(x, attr), getattr(y, attr)
-            assert (u is None) == (v is None), attr
-            if u is not None:
-                assert u.shape == v.shape, attr
-                assert np.max(np.abs(u - v), initial=0.0) <= atol, attr
 
 
 # ---- (b) retries and errors against the fault server ------------------------------------------------

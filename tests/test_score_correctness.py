@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from helpers import post_score
 from opd_client.convert import score_result_from_json
 from opd_client.embedded import embedded_teacher_dir
 
@@ -22,17 +22,6 @@ def references(tiny_model_dir):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         out[name] = (model, AutoTokenizer.from_pretrained(path))
     return out
-
-
-def post_score(teacher, body: dict) -> dict:
-    r = httpx.post(
-        f"{teacher.http_url}/v1/score",
-        json=body,
-        timeout=120,
-        headers={"Authorization": f"Bearer {teacher.api_key}"},
-    )
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def expected(
