@@ -69,11 +69,18 @@ class TeacherLink:
             )
         return info
 
-    def submit(self, rollouts: list[Rollout], top_k: int, score_ids: list | None = None) -> list[Future]:
-        """One request per teacher name; futures resolve to (indices, list[SequenceScores])."""
+    def submit(
+        self,
+        rollouts: list[Rollout],
+        top_k: int,
+        score_ids: list | None = None,
+        only: list[int] | None = None,
+    ) -> list[Future]:
+        """One request per teacher name for the rollouts at `only` (default: all); futures resolve to
+        (indices into rollouts, list[SequenceScores])."""
         groups: dict[str | None, list[int]] = {}
-        for i, r in enumerate(rollouts):
-            groups.setdefault(r.teacher, []).append(i)
+        for i in range(len(rollouts)) if only is None else only:
+            groups.setdefault(rollouts[i].teacher, []).append(i)
         return [
             self._pool.submit(self._score, rollouts, idx, top_k, score_ids, name)
             for name, idx in groups.items()
@@ -124,31 +131,11 @@ class TeacherLink:
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
             missing = [i for i, s in enumerate(out) if s is None]
-            futures = self.submit(
-                [rollouts[i] for i in missing],
-                top_k,
-                [score_ids[i] for i in missing] if score_ids is not None else None,
-            )
-            futures = [_remap(f, missing) for f in futures]
+            futures = self.submit(rollouts, top_k, score_ids, only=missing)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
-
-
-def _remap(future: Future, missing: list[int]) -> Future:
-    """A future whose indices refer to the full rollout list again."""
-    mapped: Future = Future()
-
-    def done(f: Future) -> None:
-        try:
-            idx, scores = f.result()
-            mapped.set_result(([missing[i] for i in idx], scores))
-        except BaseException as e:  # noqa: BLE001 - handed to collect(), which decides
-            mapped.set_exception(e)
-
-    future.add_done_callback(done)
-    return mapped
 
 
 def _short(error: BaseException) -> str:
