@@ -56,6 +56,7 @@ class TeacherClient(Protocol):
         temperature: float | None = None,
         score_ids: list | None = None,
         model: str | None = None,
+        logprob_dtype: schema.LogprobDtype = "float32",
     ) -> ScoreResult: ...
 
     def close(self) -> None: ...

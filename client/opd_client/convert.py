@@ -14,6 +14,8 @@ from opd_client.errors import InvalidRequest
 from opd_client.scores import ScoreResult, SequenceScores
 from opd_client.v1 import teacher_pb2 as pb
 
+# (wire key, SequenceScores attribute, dtype after decoding). Logprob fields travel in the request's
+# logprob_dtype and decode to float32, so trainers see one dtype whatever was on the wire.
 _SCORE_FIELDS = (
     ("token_logprobs", "token_logprobs_T", "float32"),
     ("top_ids", "top_ids_T_K", "int32"),
@@ -21,19 +23,30 @@ _SCORE_FIELDS = (
     ("tail_logprobs", "tail_logprob_T", "float32"),
     ("score_logprobs", "score_logprobs_T_M", "float32"),
 )
+LOGPROB_DTYPES = ("float32", "float16")
+# float16 overflows to -inf below -65504; such a logprob is probability 0 in any float, and a response
+# never holds -inf, so it is clamped (only reachable with a tiny temperature: the tail floor is -87.3).
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 # ---- arrays -----------------------------------------------------------------------------------------
 
 
+def wire_array(array: np.ndarray, dtype: str) -> np.ndarray:
+    """`array` as contiguous little-endian `dtype`: the bytes every encoding below sends."""
+    if dtype == "float16":
+        array = np.clip(array, -_FLOAT16_MAX, _FLOAT16_MAX)
+    return np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+
+
 def encode_array(array: np.ndarray, dtype: str) -> dict:
     """A little-endian base64 array with its dtype and shape (the `binary` JSON format)."""
-    le = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+    le = wire_array(array, dtype)
     return {"dtype": dtype, "shape": list(le.shape), "data": base64.b64encode(le.tobytes()).decode()}
 
 
 def decode_array(value: dict | list, dtype: str) -> np.ndarray:
-    """Inverse of encode_array; plain JSON lists are accepted too."""
+    """Inverse of encode_array (to `dtype` whatever the wire dtype); plain JSON lists are accepted too."""
     if isinstance(value, dict):
         raw = np.frombuffer(base64.b64decode(value["data"]), dtype=np.dtype(value["dtype"]).newbyteorder("<"))
         return raw.reshape(value["shape"]).astype(dtype)
@@ -41,26 +54,35 @@ def decode_array(value: dict | list, dtype: str) -> np.ndarray:
 
 
 def tensor_to_proto(array: np.ndarray, dtype: str) -> pb.Tensor:
-    le = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+    le = wire_array(array, dtype)
     return pb.Tensor(dtype=dtype, shape=list(le.shape), data=le.tobytes())
 
 
 def tensor_from_proto(tensor: pb.Tensor, dtype: str) -> np.ndarray:
+    """The array in `dtype` (float16 on the wire decodes exactly to float32)."""
     raw = np.frombuffer(tensor.data, dtype=np.dtype(tensor.dtype).newbyteorder("<"))
     return raw.reshape(tuple(tensor.shape)).astype(dtype)
+
+
+def _wire_dtype(decoded_dtype: str, logprob_dtype: str) -> str:
+    if logprob_dtype not in LOGPROB_DTYPES:
+        raise ValueError(f"logprob_dtype = {logprob_dtype!r} must be one of {LOGPROB_DTYPES}")
+    return decoded_dtype if decoded_dtype == "int32" else logprob_dtype
 
 
 # ---- scores -----------------------------------------------------------------------------------------
 
 
-def scores_to_json(scores: SequenceScores, binary: bool = False) -> dict:
+def scores_to_json(scores: SequenceScores, binary: bool = False, logprob_dtype: str = "float32") -> dict:
+    """JSON lists, or base64 arrays with `binary`; with float16 the lists hold the float16-rounded values."""
     out = {}
     for key, attr, dtype in _SCORE_FIELDS:
         array = getattr(scores, attr)
         if array is None:
             out[key] = None
-        else:
-            out[key] = encode_array(array, dtype) if binary else array.tolist()
+            continue
+        wire = _wire_dtype(dtype, logprob_dtype)
+        out[key] = encode_array(array, wire) if binary else wire_array(array, wire).tolist()
     return out
 
 
@@ -76,12 +98,12 @@ def scores_from_json(body: dict) -> SequenceScores:
     return SequenceScores(**fields)
 
 
-def scores_to_proto(scores: SequenceScores) -> pb.SequenceScores:
+def scores_to_proto(scores: SequenceScores, logprob_dtype: str = "float32") -> pb.SequenceScores:
     msg = pb.SequenceScores()
     for key, attr, dtype in _SCORE_FIELDS:
         array = getattr(scores, attr)
         if array is not None:
-            getattr(msg, key).CopyFrom(tensor_to_proto(array, dtype))
+            getattr(msg, key).CopyFrom(tensor_to_proto(array, _wire_dtype(dtype, logprob_dtype)))
     return msg
 
 
@@ -92,10 +114,11 @@ def scores_from_proto(msg: pb.SequenceScores) -> SequenceScores:
     return SequenceScores(**fields)
 
 
-def score_result_to_json(result: ScoreResult, binary: bool = False) -> dict:
+def score_result_to_json(result: ScoreResult, binary: bool = False, logprob_dtype: str = "float32") -> dict:
+    """The JSON body of POST /v1/score; `logprob_dtype` is the request's (float32 from the engine)."""
     return {
         "model": result.model,
-        "sequences": [scores_to_json(s, binary) for s in result.sequences],
+        "sequences": [scores_to_json(s, binary, logprob_dtype) for s in result.sequences],
         "usage": {"scored_tokens": result.scored_tokens, "forward_tokens": result.forward_tokens},
     }
 
@@ -109,10 +132,11 @@ def score_result_from_json(body: dict) -> ScoreResult:
     )
 
 
-def score_result_to_proto(result: ScoreResult) -> pb.ScoreResponse:
+def score_result_to_proto(result: ScoreResult, logprob_dtype: str = "float32") -> pb.ScoreResponse:
+    """The gRPC answer, and the HTTP body under `Accept: application/x-protobuf`."""
     return pb.ScoreResponse(
         model=result.model,
-        sequences=[scores_to_proto(s) for s in result.sequences],
+        sequences=[scores_to_proto(s, logprob_dtype) for s in result.sequences],
         usage=pb.Usage(scored_tokens=result.scored_tokens, forward_tokens=result.forward_tokens),
     )
 
@@ -141,7 +165,9 @@ def score_request_to_proto(req: schema.ScoreRequest) -> pb.ScoreRequest:
             msg.num_score_ids = width
             msg.score_ids.extend(x for row in rows for x in row)
         sequences.append(msg)
-    out = pb.ScoreRequest(model=req.model or "", sequences=sequences, top_k=req.top_k)
+    out = pb.ScoreRequest(
+        model=req.model or "", sequences=sequences, top_k=req.top_k, logprob_dtype=req.logprob_dtype
+    )
     if req.temperature is not None:
         out.temperature = float(req.temperature)
     return out
@@ -178,6 +204,8 @@ def score_request_from_proto(msg: pb.ScoreRequest) -> schema.ScoreRequest:
         top_k=msg.top_k,
         temperature=msg.temperature if msg.HasField("temperature") else None,
         score_ids=score_ids,
+        # Empty is proto3's unset string: the default. Anything else is checked by the schema's Literal.
+        logprob_dtype=msg.logprob_dtype or "float32",
     )
 
 

@@ -7,6 +7,10 @@ Both classes build their requests and decode the answers with the module-level f
 differ only in how they send a request and how they sleep between retries. Every failure reaches the
 caller as an OpdError: server errors keep their type (InvalidRequest, Overloaded, ...), and a network
 failure that outlasts the retries becomes Unavailable (unreachable) or DeadlineExceeded (no answer in time).
+
+Scores are fetched as protobuf by default (`Accept: application/x-protobuf`, an opd.v1.ScoreResponse with
+raw little-endian arrays); format="binary" (base64 JSON) and format="json" (lists, for reading by eye)
+stay available. Every format decodes to the same ScoreResult, logprobs as float32.
 """
 
 from __future__ import annotations
@@ -14,16 +18,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import Literal, TypeVar
 
 import httpx
+from google.protobuf.message import DecodeError
 
 from opd_client import convert, schema
 from opd_client.base import SequenceLike, make_score_request
 from opd_client.errors import DeadlineExceeded, OpdError, Unavailable, error_for_http
 from opd_client.retry import RetryPolicy, parse_retry_after
 from opd_client.scores import ScoreResult
+from opd_client.v1 import teacher_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +42,20 @@ _RETRYABLE_TRANSPORT = (httpx.TimeoutException, httpx.NetworkError, httpx.Remote
 _SNIPPET_CHARS = 200
 _DEFAULT_RETRY = RetryPolicy()  # frozen, so one shared default is safe
 
+JSON = "application/json"
+PROTOBUF = "application/x-protobuf"
+# Errors are JSON whatever we ask for, so JSON stays acceptable, ranked below protobuf.
+_ACCEPT_PROTOBUF = f"{PROTOBUF}, {JSON};q=0.5"
+ScoreFormat = Literal["protobuf", "binary", "json"]
+_T = TypeVar("_T")
+
 
 @dataclass(frozen=True)
 class _Request:
     method: str
     path: str
     body: dict | None = None
+    accept: str = JSON
 
     def __str__(self) -> str:
         return f"{self.method} {self.path}"
@@ -48,8 +64,9 @@ class _Request:
 # ---- requests ---------------------------------------------------------------------------------------
 
 
-def _headers(api_key: str | None) -> dict[str, str]:
-    headers = {"Accept": "application/json"}
+def _headers(api_key: str | None, timeout: float) -> dict[str, str]:
+    # The server drops a queued request once we stop waiting for it (X-Request-Timeout).
+    headers = {"Accept": JSON, "X-Request-Timeout": f"{timeout:g}"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     return headers
@@ -70,12 +87,23 @@ def _score_request(
     temperature: float | None,
     score_ids: list | None,
     model: str | None,
-    format: str,
+    format: ScoreFormat,
+    logprob_dtype: schema.LogprobDtype,
 ) -> _Request:
+    protobuf = format == "protobuf"
     req = make_score_request(
-        sequences, top_k, temperature=temperature, score_ids=score_ids, model=model, format=format
+        sequences,
+        top_k,
+        temperature=temperature,
+        score_ids=score_ids,
+        model=model,
+        format="json" if protobuf else format,  # the JSON-body format; Accept decides on protobuf
     )
-    return _Request("POST", "/v1/score", req.model_dump(exclude_none=True))
+    # Not validated here: the service checks logprob_dtype and names the field in its error, the same
+    # answer every client gets.
+    req = req.model_copy(update={"logprob_dtype": logprob_dtype})
+    body = req.model_dump(exclude_none=True, exclude={"format"} if protobuf else None)
+    return _Request("POST", "/v1/score", body, accept=_ACCEPT_PROTOBUF if protobuf else JSON)
 
 
 # ---- responses --------------------------------------------------------------------------------------
@@ -121,6 +149,22 @@ def _body_or_error(request: _Request, response: httpx.Response) -> dict:
             f"{_snippet(response)!r}"
         )
     return body
+
+
+def _score_or_error(request: _Request, response: httpx.Response) -> ScoreResult:
+    """The ScoreResult of a successful answer, protobuf or JSON by its Content-Type; else raises."""
+    media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not response.is_success or media_type != PROTOBUF:
+        return convert.score_result_from_json(_body_or_error(request, response))
+    msg = pb.ScoreResponse()
+    try:
+        msg.ParseFromString(response.content)
+    except DecodeError as e:
+        raise OpdError(
+            f"{request}: HTTP {response.status_code} but the {PROTOBUF} body does not parse "
+            f"({len(response.content)} bytes): {e}"
+        ) from e
+    return convert.score_result_from_proto(msg)
 
 
 def _models_from_body(body: dict) -> list[schema.ModelInfo]:
@@ -189,7 +233,7 @@ class HttpTeacherClient:
         self.base_url = base_url.rstrip("/")
         self.retry = retry
         self.timeout = timeout
-        self._http = httpx.Client(base_url=self.base_url, headers=_headers(api_key), timeout=timeout)
+        self._http = httpx.Client(base_url=self.base_url, headers=_headers(api_key, timeout), timeout=timeout)
 
     def ready(self) -> bool:
         """True when the teacher answers /health/ready with 200; False if not ready or unreachable."""
@@ -220,17 +264,29 @@ class HttpTeacherClient:
         temperature: float | None = None,
         score_ids: list | None = None,
         model: str | None = None,
-        format: str = "binary",
+        logprob_dtype: schema.LogprobDtype = "float32",
+        format: ScoreFormat = "protobuf",
     ) -> ScoreResult:
-        """Teacher scores of each sequence's completion; "binary" (default) is smaller and exact."""
-        request = _score_request(sequences, top_k, temperature, score_ids, model, format)
-        return convert.score_result_from_json(self._call(request))
+        """Teacher scores of each sequence's completion.
 
-    def _call(self, request: _Request) -> dict:
+        format: "protobuf" (default, raw arrays: 8·K + 8 bytes per scored position), "binary" (base64 in
+        JSON, 4/3 of that) or "json" (lists, for debugging). logprob_dtype="float16" halves the logprob
+        bytes at ~3 significant digits; the arrays returned are float32 either way.
+        """
+        request = _score_request(sequences, top_k, temperature, score_ids, model, format, logprob_dtype)
+        return self._call(request, _score_or_error)
+
+    def _call(
+        self,
+        request: _Request,
+        decode: Callable[[_Request, httpx.Response], _T] = _body_or_error,
+    ) -> _T:
         for attempt in range(1, max(1, self.retry.max_attempts) + 1):
             try:
-                response = self._http.request(request.method, request.path, json=request.body)
-                return _body_or_error(request, response)
+                response = self._http.request(
+                    request.method, request.path, json=request.body, headers={"Accept": request.accept}
+                )
+                return decode(request, response)
             except (OpdError, *_RETRYABLE_TRANSPORT) as error:
                 delay = _retry_delay(self.retry, error, attempt, request, self.base_url)
                 if delay is None:
@@ -263,7 +319,9 @@ class AsyncHttpTeacherClient:
         self.base_url = base_url.rstrip("/")
         self.retry = retry
         self.timeout = timeout
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=_headers(api_key), timeout=timeout)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=_headers(api_key, timeout), timeout=timeout
+        )
 
     async def ready(self) -> bool:
         try:
@@ -292,16 +350,23 @@ class AsyncHttpTeacherClient:
         temperature: float | None = None,
         score_ids: list | None = None,
         model: str | None = None,
-        format: str = "binary",
+        logprob_dtype: schema.LogprobDtype = "float32",
+        format: ScoreFormat = "protobuf",
     ) -> ScoreResult:
-        request = _score_request(sequences, top_k, temperature, score_ids, model, format)
-        return convert.score_result_from_json(await self._call(request))
+        request = _score_request(sequences, top_k, temperature, score_ids, model, format, logprob_dtype)
+        return await self._call(request, _score_or_error)
 
-    async def _call(self, request: _Request) -> dict:
+    async def _call(
+        self,
+        request: _Request,
+        decode: Callable[[_Request, httpx.Response], _T] = _body_or_error,
+    ) -> _T:
         for attempt in range(1, max(1, self.retry.max_attempts) + 1):
             try:
-                response = await self._http.request(request.method, request.path, json=request.body)
-                return _body_or_error(request, response)
+                response = await self._http.request(
+                    request.method, request.path, json=request.body, headers={"Accept": request.accept}
+                )
+                return decode(request, response)
             except (OpdError, *_RETRYABLE_TRANSPORT) as error:
                 delay = _retry_delay(self.retry, error, attempt, request, self.base_url)
                 if delay is None:

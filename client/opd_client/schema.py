@@ -11,6 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+# dtype of the logprob arrays in a score answer; ids are always int32. Clients decode either to float32.
+LogprobDtype = Literal["float32", "float16"]
+
 
 class _Strict(BaseModel):
     # Unknown fields are errors: a typo like "topk" must not silently fall back to a default.
@@ -35,7 +38,14 @@ class ScoreRequest(_Strict):
         default=None, description="[S][T][M]: ids whose logprobs are returned at each completion position"
     )
     format: Literal["json", "binary"] = Field(
-        default="json", description="binary: arrays as little-endian base64 with dtype and shape"
+        default="json",
+        description="binary: arrays as little-endian base64 with dtype and shape. Ignored when the "
+        "request says `Accept: application/x-protobuf` (the answer is then an opd.v1.ScoreResponse)",
+    )
+    logprob_dtype: LogprobDtype = Field(
+        default="float32",
+        description="float16 halves the logprob bytes (~3 significant digits, |error| <= 2^-11·|x| + 2^-25); "
+        "with format=json the numbers are the float16-rounded values. ids stay int32",
     )
 
 

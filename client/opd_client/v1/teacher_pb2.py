@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bopd_client/v1/teacher.proto\x12\x06opd.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x18\n\x10tokenizer_sha256\x18\x04 \x01(\t\x12\x11\n\tmax_top_k\x18\x05 \x01(\x05\x12\x12\n\nmax_tokens\x18\x06 \x01(\x03\x12\x18\n\x10max_sequence_len\x18\x07 \x01(\x03\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x0e\n\x06source\x18\n \x01(\t\"\x10\n\x0eGetInfoRequest\"4\n\x0fGetInfoResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.opd.v1.ModelInfo\"\x89\x01\n\x08Sequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\nprompt_len\x18\x02 \x01(\x05\x12,\n\x12teacher_prefix_ids\x18\x03 \x01(\x0b\x32\x10.opd.v1.TokenIds\x12\x11\n\tscore_ids\x18\x04 \x03(\x05\x12\x15\n\rnum_score_ids\x18\x05 \x01(\x05\"{\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\tsequences\x18\x02 \x03(\x0b\x32\x10.opd.v1.Sequence\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"\xce\x01\n\x0eSequenceScores\x12&\n\x0etoken_logprobs\x18\x01 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12\x1f\n\x07top_ids\x18\x02 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12$\n\x0ctop_logprobs\x18\x03 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12%\n\rtail_logprobs\x18\x04 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12&\n\x0escore_logprobs\x18\x05 \x01(\x0b\x32\x0e.opd.v1.Tensor\"6\n\x05Usage\x12\x15\n\rscored_tokens\x18\x01 \x01(\x03\x12\x16\n\x0e\x66orward_tokens\x18\x02 \x01(\x03\"g\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\tsequences\x18\x02 \x03(\x0b\x32\x16.opd.v1.SequenceScores\x12\x1c\n\x05usage\x18\x03 \x01(\x0b\x32\r.opd.v1.Usage\"O\n\x05\x45rror\x12\x11\n\tgrpc_code\x18\x01 \x01(\x05\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"O\n\x12ScoreStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x07request\x18\x02 \x01(\x0b\x32\x14.opd.v1.ScoreRequest\"\x7f\n\x13ScoreStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08response\x18\x02 \x01(\x0b\x32\x15.opd.v1.ScoreResponseH\x00\x12\x1e\n\x05\x65rror\x18\x03 \x01(\x0b\x32\r.opd.v1.ErrorH\x00\x42\t\n\x07outcome2\xc7\x01\n\x07Teacher\x12:\n\x07GetInfo\x12\x16.opd.v1.GetInfoRequest\x1a\x17.opd.v1.GetInfoResponse\x12\x34\n\x05Score\x12\x14.opd.v1.ScoreRequest\x1a\x15.opd.v1.ScoreResponse\x12J\n\x0bScoreStream\x12\x1a.opd.v1.ScoreStreamRequest\x1a\x1b.opd.v1.ScoreStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bopd_client/v1/teacher.proto\x12\x06opd.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x18\n\x10tokenizer_sha256\x18\x04 \x01(\t\x12\x11\n\tmax_top_k\x18\x05 \x01(\x05\x12\x12\n\nmax_tokens\x18\x06 \x01(\x03\x12\x18\n\x10max_sequence_len\x18\x07 \x01(\x03\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x0e\n\x06source\x18\n \x01(\t\"\x10\n\x0eGetInfoRequest\"4\n\x0fGetInfoResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.opd.v1.ModelInfo\"\x89\x01\n\x08Sequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\nprompt_len\x18\x02 \x01(\x05\x12,\n\x12teacher_prefix_ids\x18\x03 \x01(\x0b\x32\x10.opd.v1.TokenIds\x12\x11\n\tscore_ids\x18\x04 \x03(\x05\x12\x15\n\rnum_score_ids\x18\x05 \x01(\x05\"\x92\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\tsequences\x18\x02 \x03(\x0b\x32\x10.opd.v1.Sequence\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\rlogprob_dtype\x18\x05 \x01(\tB\x0e\n\x0c_temperature\"\xce\x01\n\x0eSequenceScores\x12&\n\x0etoken_logprobs\x18\x01 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12\x1f\n\x07top_ids\x18\x02 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12$\n\x0ctop_logprobs\x18\x03 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12%\n\rtail_logprobs\x18\x04 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12&\n\x0escore_logprobs\x18\x05 \x01(\x0b\x32\x0e.opd.v1.Tensor\"6\n\x05Usage\x12\x15\n\rscored_tokens\x18\x01 \x01(\x03\x12\x16\n\x0e\x66orward_tokens\x18\x02 \x01(\x03\"g\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\tsequences\x18\x02 \x03(\x0b\x32\x16.opd.v1.SequenceScores\x12\x1c\n\x05usage\x18\x03 \x01(\x0b\x32\r.opd.v1.Usage\"O\n\x05\x45rror\x12\x11\n\tgrpc_code\x18\x01 \x01(\x05\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"O\n\x12ScoreStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x07request\x18\x02 \x01(\x0b\x32\x14.opd.v1.ScoreRequest\"\x7f\n\x13ScoreStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08response\x18\x02 \x01(\x0b\x32\x15.opd.v1.ScoreResponseH\x00\x12\x1e\n\x05\x65rror\x18\x03 \x01(\x0b\x32\r.opd.v1.ErrorH\x00\x42\t\n\x07outcome2\xc7\x01\n\x07Teacher\x12:\n\x07GetInfo\x12\x16.opd.v1.GetInfoRequest\x1a\x17.opd.v1.GetInfoResponse\x12\x34\n\x05Score\x12\x14.opd.v1.ScoreRequest\x1a\x15.opd.v1.ScoreResponse\x12J\n\x0bScoreStream\x12\x1a.opd.v1.ScoreStreamRequest\x1a\x1b.opd.v1.ScoreStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,20 +43,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFORESPONSE']._serialized_end=392
   _globals['_SEQUENCE']._serialized_start=395
   _globals['_SEQUENCE']._serialized_end=532
-  _globals['_SCOREREQUEST']._serialized_start=534
-  _globals['_SCOREREQUEST']._serialized_end=657
-  _globals['_SEQUENCESCORES']._serialized_start=660
-  _globals['_SEQUENCESCORES']._serialized_end=866
-  _globals['_USAGE']._serialized_start=868
-  _globals['_USAGE']._serialized_end=922
-  _globals['_SCORERESPONSE']._serialized_start=924
-  _globals['_SCORERESPONSE']._serialized_end=1027
-  _globals['_ERROR']._serialized_start=1029
-  _globals['_ERROR']._serialized_end=1108
-  _globals['_SCORESTREAMREQUEST']._serialized_start=1110
-  _globals['_SCORESTREAMREQUEST']._serialized_end=1189
-  _globals['_SCORESTREAMRESPONSE']._serialized_start=1191
-  _globals['_SCORESTREAMRESPONSE']._serialized_end=1318
-  _globals['_TEACHER']._serialized_start=1321
-  _globals['_TEACHER']._serialized_end=1520
+  _globals['_SCOREREQUEST']._serialized_start=535
+  _globals['_SCOREREQUEST']._serialized_end=681
+  _globals['_SEQUENCESCORES']._serialized_start=684
+  _globals['_SEQUENCESCORES']._serialized_end=890
+  _globals['_USAGE']._serialized_start=892
+  _globals['_USAGE']._serialized_end=946
+  _globals['_SCORERESPONSE']._serialized_start=948
+  _globals['_SCORERESPONSE']._serialized_end=1051
+  _globals['_ERROR']._serialized_start=1053
+  _globals['_ERROR']._serialized_end=1132
+  _globals['_SCORESTREAMREQUEST']._serialized_start=1134
+  _globals['_SCORESTREAMREQUEST']._serialized_end=1213
+  _globals['_SCORESTREAMRESPONSE']._serialized_start=1215
+  _globals['_SCORESTREAMRESPONSE']._serialized_end=1342
+  _globals['_TEACHER']._serialized_start=1345
+  _globals['_TEACHER']._serialized_end=1544
 # @@protoc_insertion_point(module_scope)

@@ -71,16 +71,18 @@ class Sequence(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., prompt_len: _Optional[int] = ..., teacher_prefix_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., score_ids: _Optional[_Iterable[int]] = ..., num_score_ids: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("model", "sequences", "top_k", "temperature")
+    __slots__ = ("model", "sequences", "top_k", "temperature", "logprob_dtype")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     sequences: _containers.RepeatedCompositeFieldContainer[Sequence]
     top_k: int
     temperature: float
-    def __init__(self, model: _Optional[str] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
+    logprob_dtype: str
+    def __init__(self, model: _Optional[str] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., logprob_dtype: _Optional[str] = ...) -> None: ...
 
 class SequenceScores(_message.Message):
     __slots__ = ("token_logprobs", "top_ids", "top_logprobs", "tail_logprobs", "score_logprobs")
