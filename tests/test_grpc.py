@@ -404,7 +404,7 @@ class FaultyEngine:
             )
         ]
 
-    async def score(self, req: schema.ScoreRequest) -> ScoreResult:
+    async def score(self, req: schema.ScoreRequest, deadline: float | None = None) -> ScoreResult:
         self.calls += 1
         if self.calls % 2:
             raise RuntimeError("boom")

@@ -6,6 +6,7 @@ from __future__ import annotations
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmarks (results in docs/benchmarks.md)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    from opd_teacher.bench import memory
+    from opd_teacher.bench import memory, serve
 
     memory.register(bench)
+    serve.register(bench)

@@ -61,12 +61,42 @@ def register(subparsers) -> None:
         default=None,
         help="tokens per sequence (default: the model's max_position_embeddings)",
     )
-    p.add_argument("--max-batch-tokens", type=int, default=8192, help="padded tokens per forward")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=8192,
+        help="tokens per batched forward: queued requests are grouped up to this budget",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a partial batch waits for more requests when the forward worker is idle",
+    )
+    p.add_argument(
+        "--max-queue-tokens",
+        type=int,
+        default=65536,
+        help="tokens waiting in the queue beyond which requests get 429 / RESOURCE_EXHAUSTED + Retry-After",
+    )
     p.add_argument(
         "--score-chunk-tokens",
         type=int,
         default=512,
         help="positions whose logits are materialised at once (bounds peak memory)",
+    )
+    p.add_argument(
+        "--no-prefix-reuse",
+        dest="prefix_reuse",
+        action="store_false",
+        help="run every sequence in full, even when several in one batch share their prompt "
+        "(by default such a prompt runs once and its KV cache serves all of them)",
+    )
+    p.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="score every sequence in its own forward, so results are bit-identical whatever else is "
+        "batched with them (reproducible teacher signal; costs throughput on GPU, little on CPU)",
     )
     p.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests after SIGTERM"
@@ -116,6 +146,7 @@ def main(args: argparse.Namespace) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from opd_teacher.backends.hf import HFBackend, HFLimits
+    from opd_teacher.batcher import BatchLimits
     from opd_teacher.server import ServerConfig, serve
 
     limits = HFLimits(
@@ -124,6 +155,8 @@ def main(args: argparse.Namespace) -> None:
         max_sequence_len=args.max_sequence_len,
         max_batch_tokens=args.max_batch_tokens,
         score_chunk_tokens=args.score_chunk_tokens,
+        prefix_reuse=args.prefix_reuse,
+        batch_invariant=args.batch_invariant,
     )
     loaders = {
         alias: partial(HFBackend, alias, path, dtype=args.dtype, device=args.device, limits=limits)
@@ -135,5 +168,10 @@ def main(args: argparse.Namespace) -> None:
         grpc_port=args.grpc_port or None,
         api_keys=read_api_keys(args.api_key_file),
         drain_timeout_s=args.drain_timeout,
+        batch=BatchLimits(
+            max_batch_tokens=args.max_batch_tokens,
+            max_wait_s=args.max_wait_ms / 1000,
+            max_queue_tokens=args.max_queue_tokens,
+        ),
     )
     asyncio.run(serve(config, loaders))

@@ -1,29 +1,40 @@
-"""The teacher engine: models by name, request validation, and the worker that runs forwards.
+"""The teacher engine: models by name, request validation, and the batchers that feed the forwards.
 
 Both faces (HTTP, gRPC) call into this one object, so validation, metrics and scheduling are shared.
-Forwards run on a single worker thread, off the event loop: on CPU one forward already uses every core,
-and on GPU one stream at a time keeps memory predictable.
+Each model has a Batcher; all forwards run on a single worker thread, off the event loop: on CPU one
+forward already uses every core, and on GPU one stream at a time keeps memory predictable.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from opd_client import schema
 from opd_client.errors import InvalidRequest, NotFound, Unavailable
 from opd_client.scores import ScoreResult
 from opd_teacher import metrics
 from opd_teacher.backends.base import Backend
+from opd_teacher.batcher import Batcher, BatchLimits
 from opd_teacher.validate import validate_score_request
+
+
+def _run_batch(name: str, backend: Backend, key: tuple[int, float], items: list) -> list:
+    """One batch on the forward thread. The key is (top_k, temperature): a forward scores all alike."""
+    top_k, temperature = key
+    results = backend.score(items, top_k, temperature)
+    metrics.FORWARD_TOKENS.labels(name).inc(backend.last_forward_tokens)
+    return results
 
 
 class TeacherEngine:
     """Starts empty so the service can answer health checks while weights load; add_backend() fills it."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: BatchLimits | None = None) -> None:
         self.backends: dict[str, Backend] = {}
+        self.batchers: dict[str, Batcher] = {}
+        self.limits = limits or BatchLimits()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-forward")
         self.loaded = False
         self.draining = False
@@ -40,6 +51,7 @@ class TeacherEngine:
         if name in self.backends:
             raise ValueError(f"two teachers are named {name!r}; give each --model a distinct ALIAS=")
         self.backends[name] = backend
+        self.batchers[name] = Batcher(name, partial(_run_batch, name, backend), self._executor, self.limits)
 
     def backend(self, name: str | None) -> Backend:
         if self.draining:
@@ -56,22 +68,21 @@ class TeacherEngine:
     def infos(self) -> list[schema.ModelInfo]:
         return [b.info for b in self.backends.values()]
 
-    async def score(self, req: schema.ScoreRequest) -> ScoreResult:
+    async def score(self, req: schema.ScoreRequest, deadline: float | None = None) -> ScoreResult:
+        """Scores for a request; `deadline` (time.monotonic()) drops it unstarted once passed."""
+        started = time.perf_counter()
         backend = self.backend(req.model)
         name = backend.info.name
         items, top_k, temperature = validate_score_request(req, backend.info, backend.bos_token_id)
+        forward = sum(it.forward_len for it in items)
         metrics.INFLIGHT.labels(name).inc()
         try:
-            started = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            sequences = await loop.run_in_executor(self._executor, backend.score, items, top_k, temperature)
-            metrics.FORWARD_SECONDS.labels(name).observe(time.perf_counter() - started)
+            sequences = await self.batchers[name].submit((top_k, temperature), items, forward, deadline)
         finally:
             metrics.INFLIGHT.labels(name).dec()
+        metrics.SCORE_SECONDS.labels(name).observe(time.perf_counter() - started)
         scored = sum(len(it.completion_ids) for it in items)
-        forward = sum(it.forward_len for it in items)
         metrics.SCORED_TOKENS.labels(name).inc(scored)
-        metrics.FORWARD_TOKENS.labels(name).inc(forward)
         return ScoreResult(model=name, sequences=sequences, scored_tokens=scored, forward_tokens=forward)
 
     def tokenize(self, req: schema.TokenizeRequest) -> schema.TokenizeResponse:
@@ -91,5 +102,8 @@ class TeacherEngine:
             ids = backend.tokenize_text(text, add_special_tokens=req.add_special_tokens)
         return schema.TokenizeResponse(model=backend.info.name, token_ids=ids, text=text)
 
-    def shutdown(self) -> None:
+    async def close(self) -> None:
+        """After the faces stopped: end the batch loops and wait for a forward still running."""
+        for batcher in self.batchers.values():
+            await batcher.close()
         self._executor.shutdown(wait=True, cancel_futures=False)

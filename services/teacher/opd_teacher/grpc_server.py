@@ -86,7 +86,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         return await _unary("GetInfo", context, info)
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
-        return await _unary("Score", context, lambda: self._score(request))
+        return await _unary("Score", context, lambda: self._score(request, context))
 
     async def ScoreStream(
         self, request_iterator: AsyncIterator[pb.ScoreStreamRequest], context: grpc.aio.ServicerContext
@@ -98,7 +98,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         """
         slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
         answers: asyncio.Queue[pb.ScoreStreamResponse | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._run_stream_items(request_iterator, slots, answers))
+        reader = asyncio.create_task(self._run_stream_items(request_iterator, slots, answers, context))
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
@@ -112,12 +112,13 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         request_iterator: AsyncIterator[pb.ScoreStreamRequest],
         slots: asyncio.Semaphore,
         answers: asyncio.Queue,
+        context: grpc.aio.ServicerContext,
     ) -> None:
         tasks: set[asyncio.Task] = set()
         try:
             async for item in request_iterator:
                 await slots.acquire()
-                task = asyncio.create_task(self._stream_item(item, answers))
+                task = asyncio.create_task(self._stream_item(item, answers, context))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             await asyncio.gather(*tasks)
@@ -126,10 +127,12 @@ class TeacherServicer(pb_grpc.TeacherServicer):
                 task.cancel()
             answers.put_nowait(None)
 
-    async def _stream_item(self, item: pb.ScoreStreamRequest, answers: asyncio.Queue) -> None:
+    async def _stream_item(
+        self, item: pb.ScoreStreamRequest, answers: asyncio.Queue, context: grpc.aio.ServicerContext
+    ) -> None:
         started = time.perf_counter()
         try:
-            response = await self._score(item.request)
+            response = await self._score(item.request, context)
             answer = pb.ScoreStreamResponse(request_id=item.request_id, response=response)
             code = "OK"
         except Exception as e:  # noqa: BLE001 - every failure of one item is that item's answer
@@ -139,18 +142,19 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         _observe("ScoreStream", code, started)
         await answers.put(answer)
 
-    async def _score(self, request: pb.ScoreRequest) -> pb.ScoreResponse:
+    async def _score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         try:
             req = convert.score_request_from_proto(request)
         except ValidationError as e:
             raise validation_failed(e.errors()) from e
-        response = convert.score_result_to_proto(await self.engine.score(req))
+        result = await self.engine.score(req, _deadline(context))
+        response = convert.score_result_to_proto(result, req.logprob_dtype)
         size = response.ByteSize()
         if size > MAX_MESSAGE_BYTES - _RESPONSE_SLACK_BYTES:
             raise TooManyTokens(
                 f"the response would be {size / 2**20:.0f} MiB, above the gRPC message limit of "
                 f"{MAX_MESSAGE_BYTES >> 20} MiB; lower top_k or send fewer tokens per request "
-                "(or use HTTP with format=binary)",
+                "(or logprob_dtype=float16, or HTTP with Accept: application/x-protobuf)",
                 field="top_k",
             )
         return response
@@ -167,6 +171,12 @@ async def _unary(method: str, context: grpc.aio.ServicerContext, work: Callable[
         await context.abort(_status_code(err), err.message, trailing_metadata=_trailing_metadata(err))
     _observe(method, "OK", started)
     return response
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on time.monotonic()'s clock (None without one), for dropping queued work."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _as_opd_error(e: Exception, method: str) -> OpdError:

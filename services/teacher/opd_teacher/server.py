@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import uvicorn
 
 from opd_teacher.backends.base import Backend
+from opd_teacher.batcher import BatchLimits
 from opd_teacher.engine import TeacherEngine
 from opd_teacher.http.app import create_app
 
@@ -30,6 +31,7 @@ class ServerConfig:
     grpc_port: int | None = 50051  # None: no gRPC
     api_keys: set[str] = field(default_factory=set)
     drain_timeout_s: float = 30.0
+    batch: BatchLimits = field(default_factory=BatchLimits)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -41,7 +43,7 @@ class _Uvicorn(uvicorn.Server):
 
 
 async def serve(config: ServerConfig, loaders: dict[str, Callable[[], Backend]]) -> None:
-    engine = TeacherEngine()
+    engine = TeacherEngine(config.batch)
     http = _Uvicorn(
         uvicorn.Config(
             create_app(engine, config.api_keys),
@@ -90,7 +92,7 @@ async def serve(config: ServerConfig, loaders: dict[str, Callable[[], Backend]])
     http.should_exit = True
     await http_task
     load_task.cancel()
-    engine.shutdown()
+    await engine.close()
     log.info("stopped")
     if load_task.done() and not load_task.cancelled() and load_task.exception() is not None:
         raise SystemExit(f"error: {load_task.exception()}")

@@ -27,6 +27,7 @@ class ScoreItem:
 class Backend(Protocol):
     info: ModelInfo
     bos_token_id: int | None
+    last_forward_tokens: int  # tokens the last score() ran through the model (shared prompts once)
 
     def score(self, items: list[ScoreItem], top_k: int, temperature: float) -> list[SequenceScores]: ...
 

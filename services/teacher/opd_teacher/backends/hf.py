@@ -1,8 +1,13 @@
-"""White-box teacher on a Hugging Face causal LM: loads the model, runs the forward, scores in chunks."""
+"""White-box teacher on a Hugging Face causal LM: loads the model, runs the forward, scores in chunks.
+
+Items sharing a teacher context (G rollouts of one prompt) run that prompt once: a batch-1 forward keeps its
+KV cache, and the completions run on top of it (plan.py decides which items go which way).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from opd_client.embedded import resolve_model
 from opd_client.schema import ModelInfo
 from opd_client.scores import SequenceScores
 from opd_client.tokenizer_hash import tokenizer_sha256
 from opd_teacher.backends.base import ScoreItem
+from opd_teacher.backends.plan import plan_score
 from opd_teacher.backends.topk import score_hidden
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,10 @@ class HFLimits:
     max_sequence_len: int | None = None  # default: the model's max_position_embeddings
     max_batch_tokens: int = 8192  # padded tokens per forward
     score_chunk_tokens: int = 512  # rows of logits materialised at once
+    prefix_reuse: bool = True  # run a prompt shared by several items once (off: every item in full)
+    # Every item in its own forward, so its floats never depend on its batch mates (CPU and GPU kernels
+    # choose reduction orders by matrix shape). Costs GPU throughput; on CPU batching gains little anyway.
+    batch_invariant: bool = False
 
 
 def pick_device(device: str) -> torch.device:
@@ -82,34 +93,50 @@ class HFBackend:
             device=str(self.device),
             source=source,
         )
+        self._cache_kwarg = _cache_kwarg(self.model.base_model)
+        self.prefix_reuse = False
+        if limits.prefix_reuse:
+            why_not = self._check_prefix_reuse()
+            self.prefix_reuse = why_not is None
+            if why_not:
+                log.warning("%s: prefix reuse off, every item runs in full: %s", name, why_not)
+        # Token positions the last score() call ran through the model (unpadded; a shared prompt counts once),
+        # in total and per item (a group's prompt is charged to its first member). Set by score().
+        self.last_forward_tokens = 0
+        self.last_forward_tokens_I: list[int] = []
 
     # ---- scoring ------------------------------------------------------------------------------------
 
     def score(self, items: list[ScoreItem], top_k: int, temperature: float) -> list[SequenceScores]:
+        if self.limits.batch_invariant:
+            self.last_forward_tokens_I = [item.forward_len for item in items]
+            self.last_forward_tokens = sum(self.last_forward_tokens_I)
+            return [self._score_batch([item], top_k, temperature)[0] for item in items]
+        contexts = [tuple(self._teacher_context(item)) for item in items]
+        plan = plan_score(
+            contexts,
+            [len(item.completion_ids) for item in items],
+            self.limits.max_batch_tokens,
+            prefix_reuse=self.prefix_reuse,
+        )
         results: list[SequenceScores | None] = [None] * len(items)
-        for batch_idx in self._micro_batches(items):
+        for group in plan.groups:
+            prompt = list(contexts[group.chunks[0][0]])
+            chunks = [[items[i] for i in chunk] for chunk in group.chunks]
+            for i, scores in zip(
+                group.members, self._score_group(prompt, chunks, top_k, temperature), strict=True
+            ):
+                results[i] = scores
+        for batch_idx in plan.batches:
             scored = self._score_batch([items[i] for i in batch_idx], top_k, temperature)
             for i, scores in zip(batch_idx, scored, strict=True):
                 results[i] = scores
+        self.last_forward_tokens, self.last_forward_tokens_I = plan.forward_tokens, plan.forward_tokens_I
         return results  # type: ignore[return-value]
-
-    def _micro_batches(self, items: list[ScoreItem]) -> list[list[int]]:
-        """Indices grouped by length so padding stays small, each under max_batch_tokens padded tokens."""
-        order = sorted(range(len(items)), key=lambda i: self._forward_len(items[i]))
-        batches, current = [], []
-        for i in order:
-            longest = self._forward_len(items[i])  # sorted ascending: the newest is the longest
-            if current and longest * (len(current) + 1) > self.limits.max_batch_tokens:
-                batches.append(current)
-                current = []
-            current.append(i)
-        return batches + [current] if current else batches
-
-    def _forward_len(self, item: ScoreItem) -> int:
-        return max(len(item.context_ids), 1) + len(item.completion_ids)
 
     @torch.inference_mode()
     def _score_batch(self, items: list[ScoreItem], top_k: int, temperature: float) -> list[SequenceScores]:
+        """Whole sequences, right padded, in one forward."""
         rows = [self._teacher_ids(item) for item in items]
         length = max(len(r) for r in rows)
         input_ids_B_L = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
@@ -124,10 +151,75 @@ class HFBackend:
         ).last_hidden_state
 
         # The hidden state at position j predicts token j + 1: completion token t is scored from j = t - 1.
-        picks, targets, score_ids = [], [], []
+        picks = []
         for b, (item, ids) in enumerate(zip(items, rows, strict=True)):
             start = len(ids) - len(item.completion_ids)
             picks.append(hidden_B_L_H[b, start - 1 : len(ids) - 1])
+        return self._score_picks(picks, items, top_k, temperature)
+
+    @torch.inference_mode()
+    def _score_group(
+        self, prompt: list[int], chunks: list[list[ScoreItem]], top_k: int, temperature: float
+    ) -> list[SequenceScores]:
+        """Items whose teacher context is `prompt`: the prompt runs once, each chunk of completions on its cache.
+
+        The prompt's last hidden state predicts every member's first completion token; completion position j
+        predicts token j + 1, so a completion's last token is not run at all.
+        """
+        prefix = self._run_prompt(prompt)
+        results = []
+        for members in chunks:
+            inputs = [item.completion_ids[:-1] for item in members]
+            length = max(len(ids) for ids in inputs)
+            picks = [prefix.last_hidden_1_H] * len(members)
+            if length:  # else every member has one token, predicted by the prompt alone
+                hidden_B_L_H = self._run_on_prefix(prefix, inputs, length)
+                for b, ids in enumerate(inputs):
+                    picks[b] = torch.cat([prefix.last_hidden_1_H, hidden_B_L_H[b, : len(ids)]])
+            results.extend(self._score_picks(picks, members, top_k, temperature))
+        return results
+
+    def _run_prompt(self, prompt: list[int]) -> _Prefix:
+        out = self.model.base_model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True)
+        cache = getattr(out, "cache", None)
+        if cache is None:  # models written before transformers renamed it
+            cache = getattr(out, "past_key_values", None)
+        # Only plain full-attention layers are reused: sliding-window, linear-attention or shared-KV layers keep
+        # state that a frozen copy of the prompt's keys would not reproduce.
+        if not isinstance(cache, Cache) or not cache.layers:
+            raise _NoPrefixReuse(f"the forward returned {type(cache).__name__}, not a transformers Cache")
+        for layer in cache.layers:
+            if type(layer) is not DynamicLayer or layer.keys is None or layer.keys.shape[-2] != len(prompt):
+                raise _NoPrefixReuse(f"its cache has {type(layer).__name__} layers, not full-attention ones")
+        return _Prefix(
+            last_hidden_1_H=out.last_hidden_state[0, -1:],
+            keys_values=[(layer.keys, layer.values) for layer in cache.layers],
+        )
+
+    def _run_on_prefix(self, prefix: _Prefix, inputs: list[list[int]], length: int) -> torch.Tensor:
+        """Hidden states [B, length, H] of right-padded completions that continue the prompt in `prefix`."""
+        prompt_len = prefix.length
+        input_ids_B_L = torch.full((len(inputs), length), self.pad_token_id, dtype=torch.long)
+        attention_mask_B_PL = torch.zeros((len(inputs), prompt_len + length), dtype=torch.long)
+        attention_mask_B_PL[:, :prompt_len] = 1
+        for b, ids in enumerate(inputs):
+            input_ids_B_L[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask_B_PL[b, prompt_len : prompt_len + len(ids)] = 1
+        position_ids_B_L = torch.arange(prompt_len, prompt_len + length).repeat(len(inputs), 1)
+        return self.model.base_model(
+            input_ids=input_ids_B_L.to(self.device),
+            attention_mask=attention_mask_B_PL.to(self.device),
+            position_ids=position_ids_B_L.to(self.device),
+            use_cache=True,
+            **{self._cache_kwarg: prefix.cache(len(inputs))},
+        ).last_hidden_state
+
+    def _score_picks(
+        self, picks: list[torch.Tensor], items: list[ScoreItem], top_k: int, temperature: float
+    ) -> list[SequenceScores]:
+        """Score items from their hidden states, picks[i] = [T_i, H] (row t predicts completion token t)."""
+        targets, score_ids = [], []
+        for item in items:
             targets.extend(item.completion_ids)
             if item.score_ids_T_M is not None:
                 score_ids.append(torch.as_tensor(item.score_ids_T_M, dtype=torch.long))
@@ -147,10 +239,34 @@ class HFBackend:
         )
         return _split(out, [len(item.completion_ids) for item in items], items)
 
-    def _teacher_ids(self, item: ScoreItem) -> list[int]:
+    def _check_prefix_reuse(self) -> str | None:
+        """None if prefix reuse gives this model's plain answers on a short check, else why it cannot be used."""
+        if self._cache_kwarg is None:
+            return "its forward takes no cache"
+        vocab = self.info.vocab_size
+        ids = [(7919 * k + 13) % vocab for k in range(12)]
+        items = [ScoreItem(ids[:6], ids[6:8]), ScoreItem(ids[:6], ids[6:]), ScoreItem(ids[:6], ids[9:10])]
+        try:  # a model we know nothing about may fail in any way here; that only means no reuse
+            reused = self._score_group(ids[:6], [items], top_k=4, temperature=1.0)
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        diff = 0.0
+        for item, got in zip(items, reused, strict=True):
+            want = self._score_batch([item], top_k=4, temperature=1.0)[0]
+            for a, b in (
+                (got.token_logprobs_T, want.token_logprobs_T),
+                (got.top_logprobs_T_K, want.top_logprobs_T_K),
+            ):
+                diff = max(diff, float(np.max(np.abs(a - b))))
+        tolerance = 1e-3 if self.dtype == torch.float32 else 0.1  # 16-bit forwards differ by their rounding
+        return None if diff <= tolerance else f"it differs from the full forward by {diff:.3g} nats"
+
+    def _teacher_context(self, item: ScoreItem) -> list[int]:
         # With no context, the first completion token is scored after BOS (validation ensures one exists).
-        context = item.context_ids or [self.bos_token_id]
-        return list(context) + list(item.completion_ids)
+        return list(item.context_ids) or [self.bos_token_id]
+
+    def _teacher_ids(self, item: ScoreItem) -> list[int]:
+        return self._teacher_context(item) + list(item.completion_ids)
 
     # ---- tokenizer ----------------------------------------------------------------------------------
 
@@ -163,6 +279,57 @@ class HFBackend:
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
+
+
+class _NoPrefixReuse(Exception):
+    """The model's cache is not one a prompt can be shared through."""
+
+
+class _SharedPrefixLayer(DynamicLayer):
+    """One layer's prompt keys/values, seen by `rows` completions as a view, and never grown.
+
+    update() hands attention prompt + new states but keeps only the prompt: one prompt serves every chunk of
+    its group, and no completion keys pile up across layers (the plain forward keeps no cache at all).
+    """
+
+    def __init__(self, keys_1_K_P_D: torch.Tensor, values_1_K_P_D: torch.Tensor, rows: int):
+        super().__init__()
+        self.keys = keys_1_K_P_D.expand(rows, -1, -1, -1)
+        self.values = values_1_K_P_D.expand(rows, -1, -1, -1)
+        self.device = keys_1_K_P_D.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+class _SharedPrefixCache(DynamicCache):
+    def __init__(self, layers: list[_SharedPrefixLayer]):
+        Cache.__init__(self, layers=layers)  # DynamicCache.__init__ would copy the prompt into fresh layers
+
+
+@dataclass
+class _Prefix:
+    """A prompt run once: its last hidden state and every layer's keys/values (batch 1)."""
+
+    last_hidden_1_H: torch.Tensor
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def length(self) -> int:
+        return self.keys_values[0][0].shape[-2]
+
+    def cache(self, rows: int) -> Cache:
+        return _SharedPrefixCache([_SharedPrefixLayer(k, v, rows) for k, v in self.keys_values])
+
+
+def _cache_kwarg(base_model: torch.nn.Module) -> str | None:
+    """The name under which this model's forward takes a KV cache, if it takes one."""
+    try:
+        params = inspect.signature(base_model.forward).parameters
+    except (TypeError, ValueError):  # a forward Python cannot introspect: assume it takes none
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
 def _pad_cat(score_ids: list[torch.Tensor]) -> torch.Tensor:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from opd_client import convert, schema
-from opd_client.errors import OpdError, Unavailable
+from opd_client.errors import InvalidRequest, OpdError, Unavailable
 from opd_teacher import metrics
 from opd_teacher.engine import TeacherEngine
 from opd_teacher.http.auth import BearerAuth
-from opd_teacher.http.errors import install_error_handlers
+from opd_teacher.http.errors import ClientGone, install_error_handlers
 
 _ERRORS = {
     400: {"model": schema.ErrorBody},
@@ -23,6 +27,74 @@ _ERRORS = {
     422: {"model": schema.ErrorBody},
     503: {"model": schema.ErrorBody},
 }
+
+PROTOBUF = "application/x-protobuf"
+TIMEOUT_HEADER = "X-Request-Timeout"
+T = TypeVar("T")
+_JSON_RANGES = ("application/json", "application/*", "*/*")
+# The 200 answer's second media type in the OpenAPI docs (FastAPI adds the JSON one from response_model).
+_SCORE_OK = {
+    "description": "JSON (schema below) by default; with `Accept: application/x-protobuf`, the serialized "
+    "`opd.v1.ScoreResponse` of proto/opd/v1/teacher.proto (`format` is then ignored; errors stay JSON)",
+    "content": {PROTOBUF: {"schema": {"type": "string", "format": "binary"}}},
+}
+
+
+def wants_protobuf(accept: str | None) -> bool:
+    """True when Accept ranks application/x-protobuf (q > 0) at least as high as anything JSON matches."""
+    protobuf_q = json_q = 0.0
+    for media_range in (accept or "").split(","):
+        media, *params = (part.strip() for part in media_range.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if media.lower() == PROTOBUF:
+            protobuf_q = max(protobuf_q, q)
+        elif media.lower() in _JSON_RANGES:
+            json_q = max(json_q, q)
+    return protobuf_q > 0 and protobuf_q >= json_q
+
+
+def deadline_from(headers) -> float | None:
+    """time.monotonic() after which the client no longer waits, from `X-Request-Timeout: SECONDS`."""
+    value = headers.get(TIMEOUT_HEADER)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InvalidRequest(
+            f"{TIMEOUT_HEADER} = {value!r} must be a positive number of seconds", field=TIMEOUT_HEADER
+        )
+    return time.monotonic() + seconds
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """The result of `work`, cancelled (and its queued job dropped) if the client hangs up first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read: the next ASGI message is the disconnect, whenever it comes.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_app(engine: TeacherEngine, api_keys: set[str] | None = None) -> FastAPI:
@@ -76,11 +148,28 @@ def create_app(engine: TeacherEngine, api_keys: set[str] | None = None) -> FastA
         """Text, or chat messages rendered with the teacher's chat template, to token ids."""
         return engine.tokenize(req)
 
-    @app.post("/v1/score", response_model=schema.ScoreResponse, tags=["teacher"], responses=_ERRORS)
-    async def score(req: schema.ScoreRequest) -> JSONResponse:
-        """Teacher logprobs over each sequence's completion: actual token, top-k, tail mass, score_ids."""
-        result = await engine.score(req)
-        return JSONResponse(convert.score_result_to_json(result, binary=req.format == "binary"))
+    @app.post(
+        "/v1/score",
+        response_model=schema.ScoreResponse,
+        tags=["teacher"],
+        responses={200: _SCORE_OK, **_ERRORS},
+    )
+    async def score(req: schema.ScoreRequest, request: Request) -> Response:
+        """Teacher logprobs over each sequence's completion: actual token, top-k, tail mass, score_ids.
+
+        The answer is JSON unless the request says `Accept: application/x-protobuf`: then it is the
+        serialized `opd.v1.ScoreResponse` (raw little-endian arrays, 8·K + 8 bytes per scored position
+        in float32, 6·K + 4 with `logprob_dtype: "float16"`, plus the score_ids' logprobs). Errors are
+        JSON whatever Accept says.
+        """
+        result = await _until_disconnect(request, engine.score(req, deadline_from(request.headers)))
+        # The body depends on Accept, so caches must key on it.
+        vary = {"Vary": "Accept"}
+        if wants_protobuf(request.headers.get("accept")):
+            body = convert.score_result_to_proto(result, req.logprob_dtype).SerializeToString()
+            return Response(body, media_type=PROTOBUF, headers=vary)
+        binary = req.format == "binary"
+        return JSONResponse(convert.score_result_to_json(result, binary, req.logprob_dtype), headers=vary)
 
     @app.get("/metrics", tags=["ops"])
     async def prometheus() -> PlainTextResponse:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -15,10 +16,15 @@ from opd_teacher.pydantic_errors import validation_failed
 log = logging.getLogger(__name__)
 
 
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready; nobody reads what we send."""
+
+
 def error_response(err: OpdError) -> JSONResponse:
     headers = {}
     if err.retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(err.retry_after)))
+        # Whole seconds, rounded up so a client that obeys never comes back too early.
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
     if err.http_status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(err.to_body(), status_code=err.http_status, headers=headers)
@@ -54,6 +60,11 @@ def install_error_handlers(app: FastAPI) -> None:
         err.http_status = exc.status_code
         err.type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(err)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_: Request, exc: ClientGone) -> Response:
+        # 499 "client closed request" (nginx's convention): it only shows in metrics and access logs.
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
