@@ -39,7 +39,9 @@ class ServeBenchConfig:
     clients: tuple[int, ...] = (1, 8, 32)
     transports: tuple[str, ...] = ("http", "grpc")
     seq_len: int = 256
-    prompt_len: int = 64  # distinct random prompts: no prefix reuse, so raw and service do equal work
+    prompt_len: int = 64
+    rollouts: int = 1  # consecutive sequences sharing one prompt (1: distinct prompts, no prompt reuse)
+    prefix_reuse: bool = True
     top_k: int = 20
     requests_per_client: int = 2
     min_requests: int = 8  # a run sends at least this many requests (1 client alone is noisy)
@@ -80,8 +82,11 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 
 def make_pool(cfg: ServeBenchConfig, n: int, seed: int, vocab_size: int) -> list[dict]:
+    """n random sequences; each run of `rollouts` consecutive ones shares its prompt (G rollouts)."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, vocab_size, size=(n, cfg.seq_len))
+    for start in range(0, n, cfg.rollouts):
+        ids[start : start + cfg.rollouts, : cfg.prompt_len] = ids[start, : cfg.prompt_len]
     return [{"token_ids": row.tolist(), "prompt_len": cfg.prompt_len} for row in ids]
 
 
@@ -192,7 +197,7 @@ def payload_bytes(teacher, sequence: dict, top_k: int) -> dict[str, float]:
 def run_serve_bench(cfg: ServeBenchConfig, workdir: Path) -> dict:
     from opd_teacher.backends.hf import HFBackend, HFLimits
 
-    limits = HFLimits(max_batch_tokens=cfg.max_batch_tokens)
+    limits = HFLimits(max_batch_tokens=cfg.max_batch_tokens, prefix_reuse=cfg.prefix_reuse)
     backend = HFBackend("raw", cfg.model, dtype=cfg.dtype, device=cfg.device, limits=limits)
     vocab = backend.info.vocab_size
     warm = make_pool(cfg, 2, cfg.seed + 999, vocab)
@@ -200,6 +205,7 @@ def run_serve_bench(cfg: ServeBenchConfig, workdir: Path) -> dict:
     print(f"raw forward: {cfg.model} {backend.info.dtype} on {backend.info.device}", flush=True)
 
     flags = ["--dtype", cfg.dtype, "--device", cfg.device, "--max-batch-tokens", str(cfg.max_batch_tokens)]
+    flags += [] if cfg.prefix_reuse else ["--no-prefix-reuse"]
     rows, raws = [], {}
     with start_teacher(workdir, [cfg.model], api_key="bench-key", extra_args=flags) as teacher:
         for transport in cfg.transports:  # warm the service and its connections
@@ -252,6 +258,15 @@ def register(bench_subparsers) -> None:
     p.add_argument("--transports", default=",".join(d.transports), help="http,grpc")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--prompt-len", type=int, default=d.prompt_len)
+    p.add_argument(
+        "--rollouts",
+        type=int,
+        default=d.rollouts,
+        help="consecutive sequences sharing one prompt, like G rollouts per prompt (1: all prompts distinct)",
+    )
+    p.add_argument(
+        "--no-prefix-reuse", dest="prefix_reuse", action="store_false", help="both raw and service"
+    )
     p.add_argument("--top-k", type=int, default=d.top_k)
     p.add_argument("--requests-per-client", type=int, default=d.requests_per_client)
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens)
@@ -268,6 +283,8 @@ def main(args: argparse.Namespace) -> int:
         transports=tuple(t.strip() for t in args.transports.split(",")),
         seq_len=args.seq_len,
         prompt_len=args.prompt_len,
+        rollouts=args.rollouts,
+        prefix_reuse=args.prefix_reuse,
         top_k=args.top_k,
         requests_per_client=args.requests_per_client,
         max_batch_tokens=args.max_batch_tokens,
