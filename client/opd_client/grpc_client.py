@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from opd_client import convert, schema
 from opd_client.base import SequenceLike, make_score_request
+from opd_client.endpoints import grpc_target
 from opd_client.errors import OpdError, TooManyTokens, error_for_grpc
 from opd_client.retry import RetryPolicy, parse_retry_after
 from opd_client.scores import ScoreResult
@@ -49,7 +50,7 @@ class NotSupported(OpdError, NotImplementedError):
 class GrpcTeacherClient:
     def __init__(
         self,
-        target: str,
+        target: str | Seq[str],
         api_key: str | None = None,
         timeout: float = 60.0,
         retry: RetryPolicy = DEFAULT_RETRY,
@@ -256,14 +257,20 @@ class _StreamFeed:
             return len(self._open)
 
 
-def _open_channel(target: str) -> grpc.Channel:
-    options = [
+def _open_channel(target: str | Seq[str]) -> grpc.Channel:
+    """A channel to one teacher, several ("host:port,host:port" or a list), or every address of a name;
+    calls go round-robin over the replicas that are up (opd_client.endpoints.grpc_target)."""
+    secure = isinstance(target, str) and target.startswith("grpcs://")
+    if isinstance(target, str):
+        target = target.removeprefix("grpcs://").removeprefix("grpc://")
+    address, options = grpc_target(target)
+    options += [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
-    if target.startswith("grpcs://"):
-        return grpc.secure_channel(target.removeprefix("grpcs://"), grpc.ssl_channel_credentials(), options)
-    return grpc.insecure_channel(target.removeprefix("grpc://"), options)
+    if secure:
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(), options)
+    return grpc.insecure_channel(address, options)
 
 
 def _outcome(answer: pb.ScoreStreamResponse) -> ScoreResult | OpdError:

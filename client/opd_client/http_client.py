@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError
 
 from opd_client import convert, schema
 from opd_client.base import SequenceLike, make_score_request
+from opd_client.endpoints import Endpoints
 from opd_client.errors import DeadlineExceeded, OpdError, Unavailable, error_for_http
 from opd_client.retry import RetryPolicy, parse_retry_after
 from opd_client.scores import ScoreResult
@@ -186,16 +187,22 @@ def _describe(error: BaseException) -> str:
 
 
 def _retry_delay(
-    policy: RetryPolicy, error: BaseException, attempt: int, request: _Request, base_url: str
+    policy: RetryPolicy, error: BaseException, attempt: int, request: _Request, endpoints: Endpoints, url: str
 ) -> float | None:
-    """Seconds to wait before the next try (logged), or None to give up."""
+    """Seconds to wait before the next try (logged), or None to give up.
+
+    A replica that failed sits out its cooldown (the server's Retry-After when it sent one); when another
+    replica can take the request, the next try goes there at once instead of waiting.
+    """
     if not policy.should_retry(error, attempt):
         return None
-    delay = policy.delay(attempt, getattr(error, "retry_after", None))
+    retry_after = getattr(error, "retry_after", None)
+    endpoints.mark_down(url, retry_after)
+    delay = 0.0 if endpoints.any_available(besides=url) else policy.delay(attempt, retry_after)
     logger.warning(
         "%s at %s failed (%s); retry %d/%d in %.2f s",
         request,
-        base_url,
+        url,
         _describe(error),
         attempt,
         policy.max_attempts - 1,
@@ -225,22 +232,28 @@ class HttpTeacherClient:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Seq[str],
         api_key: str | None = None,
         timeout: float = 60.0,
         retry: RetryPolicy = _DEFAULT_RETRY,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        """base_url: one teacher, several (a list or "http://a:8000,http://b:8000"), or a name that resolves
+        to several addresses; requests go round-robin and fail over between them (opd_client.endpoints)."""
+        self.endpoints = Endpoints(base_url)
+        self.base_url = self.endpoints.label
         self.retry = retry
         self.timeout = timeout
-        self._http = httpx.Client(base_url=self.base_url, headers=_headers(api_key, timeout), timeout=timeout)
+        self._http = httpx.Client(headers=_headers(api_key, timeout), timeout=timeout)
 
     def ready(self) -> bool:
-        """True when the teacher answers /health/ready with 200; False if not ready or unreachable."""
-        try:
-            return self._http.get("/health/ready").status_code == 200
-        except httpx.HTTPError:
-            return False
+        """True when a teacher answers /health/ready with 200; False if none is ready or reachable."""
+        for url in self.endpoints.replicas():
+            try:
+                if self._http.get(f"{url}/health/ready").status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                continue
+        return False
 
     def models(self) -> list[schema.ModelInfo]:
         return _models_from_body(self._call(_Request("GET", "/v1/models")))
@@ -282,17 +295,18 @@ class HttpTeacherClient:
         decode: Callable[[_Request, httpx.Response], _T] = _body_or_error,
     ) -> _T:
         for attempt in range(1, max(1, self.retry.max_attempts) + 1):
+            url = self.endpoints.pick()
             try:
                 response = self._http.request(
-                    request.method, request.path, json=request.body, headers={"Accept": request.accept}
+                    request.method, url + request.path, json=request.body, headers={"Accept": request.accept}
                 )
                 return decode(request, response)
             except (OpdError, *_RETRYABLE_TRANSPORT) as error:
-                delay = _retry_delay(self.retry, error, attempt, request, self.base_url)
+                delay = _retry_delay(self.retry, error, attempt, request, self.endpoints, url)
                 if delay is None:
                     if isinstance(error, OpdError):
                         raise
-                    raise _transport_failure(error, attempt, request, self.base_url, self.timeout) from error
+                    raise _transport_failure(error, attempt, request, url, self.timeout) from error
                 time.sleep(delay)
         raise AssertionError("unreachable: the last attempt either returns or raises")
 
@@ -311,23 +325,25 @@ class AsyncHttpTeacherClient:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Seq[str],
         api_key: str | None = None,
         timeout: float = 60.0,
         retry: RetryPolicy = _DEFAULT_RETRY,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.endpoints = Endpoints(base_url)
+        self.base_url = self.endpoints.label
         self.retry = retry
         self.timeout = timeout
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=_headers(api_key, timeout), timeout=timeout
-        )
+        self._http = httpx.AsyncClient(headers=_headers(api_key, timeout), timeout=timeout)
 
     async def ready(self) -> bool:
-        try:
-            return (await self._http.get("/health/ready")).status_code == 200
-        except httpx.HTTPError:
-            return False
+        for url in self.endpoints.replicas():
+            try:
+                if (await self._http.get(f"{url}/health/ready")).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                continue
+        return False
 
     async def models(self) -> list[schema.ModelInfo]:
         return _models_from_body(await self._call(_Request("GET", "/v1/models")))
@@ -362,17 +378,18 @@ class AsyncHttpTeacherClient:
         decode: Callable[[_Request, httpx.Response], _T] = _body_or_error,
     ) -> _T:
         for attempt in range(1, max(1, self.retry.max_attempts) + 1):
+            url = self.endpoints.pick()
             try:
                 response = await self._http.request(
-                    request.method, request.path, json=request.body, headers={"Accept": request.accept}
+                    request.method, url + request.path, json=request.body, headers={"Accept": request.accept}
                 )
                 return decode(request, response)
             except (OpdError, *_RETRYABLE_TRANSPORT) as error:
-                delay = _retry_delay(self.retry, error, attempt, request, self.base_url)
+                delay = _retry_delay(self.retry, error, attempt, request, self.endpoints, url)
                 if delay is None:
                     if isinstance(error, OpdError):
                         raise
-                    raise _transport_failure(error, attempt, request, self.base_url, self.timeout) from error
+                    raise _transport_failure(error, attempt, request, url, self.timeout) from error
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt either returns or raises")
 

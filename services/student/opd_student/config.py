@@ -20,7 +20,9 @@ LOSSES = ("reverse_kl", "topk_forward_kl", "student_topk_reverse_kl", "jsd")
 @dataclass(frozen=True)
 class TrainConfig:
     # --- teacher service
-    teacher_url: str | None = None  # None: start a local `opd serve-teacher` with the embedded teacher
+    # None: start a local `opd serve-teacher` with the embedded teacher. Several replicas: comma-separated
+    # URLs, or one name resolving to several addresses (round-robin with failover).
+    teacher_url: str | None = None
     teacher_api_key_env: str = "OPD_TEACHER_API_KEY"  # env var holding the key, if the service needs one
     teacher_model: str | None = None  # teacher name on the service (default: its first)
     teacher_timeout_s: float = 120.0  # per request

@@ -33,13 +33,17 @@ class TeacherLink:
     def __init__(
         self, url: str, api_key: str | None, timeout_s: float, max_inflight: int, wait_s: float, on_wait=None
     ):
-        # The client's own retries ride out short blips; this class handles outages longer than those.
-        self.client = HttpTeacherClient(
-            url,
-            api_key=api_key,
-            timeout=timeout_s,
-            retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.5, max_backoff_s=5),
-        )
+        # The client's own retries ride out short blips and fail over between replicas; this class
+        # handles outages longer than those.
+        try:
+            self.client = HttpTeacherClient(
+                url,
+                api_key=api_key,
+                timeout=timeout_s,
+                retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.5, max_backoff_s=5),
+            )
+        except ValueError as e:
+            raise SystemExit(f"error: --teacher-url: {e}") from e
         self.url = url
         self.wait_s = wait_s
         self.on_wait = on_wait or (lambda message: log.warning(message))
