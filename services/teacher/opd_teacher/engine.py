@@ -7,23 +7,37 @@ forward already uses every core, and on GPU one stream at a time keeps memory pr
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from typing import TYPE_CHECKING
 
 from opd_client import schema
-from opd_client.errors import InvalidRequest, NotFound, Unavailable
+from opd_client.errors import InvalidRequest, NotFound, Overloaded, Unavailable
 from opd_client.scores import ScoreResult
 from opd_teacher import metrics
 from opd_teacher.backends.base import Backend
 from opd_teacher.batcher import Batcher, BatchLimits
 from opd_teacher.validate import validate_score_request
 
+if TYPE_CHECKING:  # generate imports torch; the engine itself does not need it
+    from opd_teacher.backends.generate import Sample, SamplingParams
 
-def _run_batch(name: str, backend: Backend, key: tuple[int, float], items: list) -> list:
-    """One batch on the forward thread. The key is (top_k, temperature): a forward scores all alike."""
-    top_k, temperature = key
-    results = backend.score(items, top_k, temperature)
+
+# Generations waiting for the forward thread beyond which new ones are refused (429): each holds the thread
+# for a whole decode, so a longer queue only adds latency.
+MAX_WAITING_GENERATIONS = 64
+
+
+def _run_batch(name: str, backend: Backend, key: tuple[int, float, bool], items: list) -> list:
+    """One batch on the forward thread. The key is (top_k, temperature, ranks): a forward scores all alike."""
+    top_k, temperature, ranks = key
+    if ranks:  # only the OpenAI endpoints' prompt_logprobs ask for ranks (an extra pass over the logits)
+        results = backend.score(items, top_k, temperature, ranks=True)
+    else:
+        results = backend.score(items, top_k, temperature)
     metrics.FORWARD_TOKENS.labels(name).inc(backend.last_forward_tokens)
     return results
 
@@ -38,6 +52,7 @@ class TeacherEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-forward")
         self.loaded = False
         self.draining = False
+        self._waiting_generations = 0
 
     @property
     def ready(self) -> bool:
@@ -68,8 +83,14 @@ class TeacherEngine:
     def infos(self) -> list[schema.ModelInfo]:
         return [b.info for b in self.backends.values()]
 
-    async def score(self, req: schema.ScoreRequest, deadline: float | None = None) -> ScoreResult:
-        """Scores for a request; `deadline` (time.monotonic()) drops it unstarted once passed."""
+    async def score(
+        self, req: schema.ScoreRequest, deadline: float | None = None, ranks: bool = False
+    ) -> ScoreResult:
+        """Scores for a request; `deadline` (time.monotonic()) drops it unstarted once passed.
+
+        With `ranks`, each sequence also carries token_rank_T (see backends.hf.RankedScores); such requests
+        batch only with each other, so /v1/score batches never pay for the ranks.
+        """
         started = time.perf_counter()
         backend = self.backend(req.model)
         name = backend.info.name
@@ -77,13 +98,37 @@ class TeacherEngine:
         forward = sum(it.forward_len for it in items)
         metrics.INFLIGHT.labels(name).inc()
         try:
-            sequences = await self.batchers[name].submit((top_k, temperature), items, forward, deadline)
+            sequences = await self.batchers[name].submit(
+                (top_k, temperature, ranks), items, forward, deadline
+            )
         finally:
             metrics.INFLIGHT.labels(name).dec()
         metrics.SCORE_SECONDS.labels(name).observe(time.perf_counter() - started)
         scored = sum(len(it.completion_ids) for it in items)
         metrics.SCORED_TOKENS.labels(name).inc(scored)
         return ScoreResult(model=name, sequences=sequences, scored_tokens=scored, forward_tokens=forward)
+
+    async def generate(self, name: str, prompt_ids: list[int], params: SamplingParams) -> list[Sample]:
+        """params.n samples continuing prompt_ids (validated by the caller), on the forward thread.
+
+        Not batched: a generation holds the forward thread for its whole decode, score batches wait behind it.
+        Cancelling the caller stops the decode at the next token.
+        """
+        backend = self.backend(name)
+        if self._waiting_generations >= MAX_WAITING_GENERATIONS:
+            raise Overloaded(
+                f"{self._waiting_generations} generations are waiting for the teacher (limit "
+                f"{MAX_WAITING_GENERATIONS}); retry later",
+                retry_after=5,
+            )
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        self._waiting_generations += 1
+        try:
+            return await loop.run_in_executor(self._executor, backend.generate, prompt_ids, params, cancel)
+        finally:
+            cancel.set()  # a no-op once it returned; stops the decode if we were cancelled
+            self._waiting_generations -= 1
 
     def tokenize(self, req: schema.TokenizeRequest) -> schema.TokenizeResponse:
         backend = self.backend(req.model)

@@ -15,14 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 from opd_client.embedded import resolve_model
 from opd_client.schema import ModelInfo
 from opd_client.scores import SequenceScores
 from opd_client.tokenizer_hash import tokenizer_sha256
 from opd_teacher.backends.base import ScoreItem
+from opd_teacher.backends.generate import Sample, SamplingParams, generate
 from opd_teacher.backends.plan import plan_score
+from opd_teacher.backends.prefix_cache import NoPrefixReuse, Prefix
 from opd_teacher.backends.topk import score_hidden
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class HFBackend:
         config = self.model.config
         self.bos_token_id = _bos_token_id(self.tokenizer, config)
         self.pad_token_id = self.tokenizer.pad_token_id or 0
+        self.eos_token_ids = _eos_token_ids(self.tokenizer, self.model)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         max_positions = getattr(config, "max_position_embeddings", None) or 1 << 20
         vocab_size = self.model.get_output_embeddings().weight.shape[0]
@@ -107,11 +110,14 @@ class HFBackend:
 
     # ---- scoring ------------------------------------------------------------------------------------
 
-    def score(self, items: list[ScoreItem], top_k: int, temperature: float) -> list[SequenceScores]:
+    def score(
+        self, items: list[ScoreItem], top_k: int, temperature: float, ranks: bool = False
+    ) -> list[SequenceScores]:
+        """Scores per item; with `ranks` they are RankedScores (each token's rank in the vocabulary too)."""
         if self.limits.batch_invariant:
             self.last_forward_tokens_I = [item.forward_len for item in items]
             self.last_forward_tokens = sum(self.last_forward_tokens_I)
-            return [self._score_batch([item], top_k, temperature)[0] for item in items]
+            return [self._score_batch([item], top_k, temperature, ranks)[0] for item in items]
         contexts = [tuple(self._teacher_context(item)) for item in items]
         plan = plan_score(
             contexts,
@@ -124,18 +130,20 @@ class HFBackend:
             prompt = list(contexts[group.chunks[0][0]])
             chunks = [[items[i] for i in chunk] for chunk in group.chunks]
             for i, scores in zip(
-                group.members, self._score_group(prompt, chunks, top_k, temperature), strict=True
+                group.members, self._score_group(prompt, chunks, top_k, temperature, ranks), strict=True
             ):
                 results[i] = scores
         for batch_idx in plan.batches:
-            scored = self._score_batch([items[i] for i in batch_idx], top_k, temperature)
+            scored = self._score_batch([items[i] for i in batch_idx], top_k, temperature, ranks)
             for i, scores in zip(batch_idx, scored, strict=True):
                 results[i] = scores
         self.last_forward_tokens, self.last_forward_tokens_I = plan.forward_tokens, plan.forward_tokens_I
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _score_batch(self, items: list[ScoreItem], top_k: int, temperature: float) -> list[SequenceScores]:
+    def _score_batch(
+        self, items: list[ScoreItem], top_k: int, temperature: float, ranks: bool = False
+    ) -> list[SequenceScores]:
         """Whole sequences, right padded, in one forward."""
         rows = [self._teacher_ids(item) for item in items]
         length = max(len(r) for r in rows)
@@ -155,11 +163,16 @@ class HFBackend:
         for b, (item, ids) in enumerate(zip(items, rows, strict=True)):
             start = len(ids) - len(item.completion_ids)
             picks.append(hidden_B_L_H[b, start - 1 : len(ids) - 1])
-        return self._score_picks(picks, items, top_k, temperature)
+        return self._score_picks(picks, items, top_k, temperature, ranks)
 
     @torch.inference_mode()
     def _score_group(
-        self, prompt: list[int], chunks: list[list[ScoreItem]], top_k: int, temperature: float
+        self,
+        prompt: list[int],
+        chunks: list[list[ScoreItem]],
+        top_k: int,
+        temperature: float,
+        ranks: bool = False,
     ) -> list[SequenceScores]:
         """Items whose teacher context is `prompt`: the prompt runs once, each chunk of completions on its cache.
 
@@ -176,10 +189,10 @@ class HFBackend:
                 hidden_B_L_H = self._run_on_prefix(prefix, inputs, length)
                 for b, ids in enumerate(inputs):
                     picks[b] = torch.cat([prefix.last_hidden_1_H, hidden_B_L_H[b, : len(ids)]])
-            results.extend(self._score_picks(picks, members, top_k, temperature))
+            results.extend(self._score_picks(picks, members, top_k, temperature, ranks))
         return results
 
-    def _run_prompt(self, prompt: list[int]) -> _Prefix:
+    def _run_prompt(self, prompt: list[int]) -> Prefix:
         out = self.model.base_model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True)
         cache = getattr(out, "cache", None)
         if cache is None:  # models written before transformers renamed it
@@ -187,16 +200,16 @@ class HFBackend:
         # Only plain full-attention layers are reused: sliding-window, linear-attention or shared-KV layers keep
         # state that a frozen copy of the prompt's keys would not reproduce.
         if not isinstance(cache, Cache) or not cache.layers:
-            raise _NoPrefixReuse(f"the forward returned {type(cache).__name__}, not a transformers Cache")
+            raise NoPrefixReuse(f"the forward returned {type(cache).__name__}, not a transformers Cache")
         for layer in cache.layers:
             if type(layer) is not DynamicLayer or layer.keys is None or layer.keys.shape[-2] != len(prompt):
-                raise _NoPrefixReuse(f"its cache has {type(layer).__name__} layers, not full-attention ones")
-        return _Prefix(
+                raise NoPrefixReuse(f"its cache has {type(layer).__name__} layers, not full-attention ones")
+        return Prefix(
             last_hidden_1_H=out.last_hidden_state[0, -1:],
             keys_values=[(layer.keys, layer.values) for layer in cache.layers],
         )
 
-    def _run_on_prefix(self, prefix: _Prefix, inputs: list[list[int]], length: int) -> torch.Tensor:
+    def _run_on_prefix(self, prefix: Prefix, inputs: list[list[int]], length: int) -> torch.Tensor:
         """Hidden states [B, length, H] of right-padded completions that continue the prompt in `prefix`."""
         prompt_len = prefix.length
         input_ids_B_L = torch.full((len(inputs), length), self.pad_token_id, dtype=torch.long)
@@ -215,7 +228,12 @@ class HFBackend:
         ).last_hidden_state
 
     def _score_picks(
-        self, picks: list[torch.Tensor], items: list[ScoreItem], top_k: int, temperature: float
+        self,
+        picks: list[torch.Tensor],
+        items: list[ScoreItem],
+        top_k: int,
+        temperature: float,
+        ranks: bool = False,
     ) -> list[SequenceScores]:
         """Score items from their hidden states, picks[i] = [T_i, H] (row t predicts completion token t)."""
         targets, score_ids = [], []
@@ -236,6 +254,7 @@ class HFBackend:
             score_ids_N_M=_pad_cat(score_ids) if has_score_ids else None,
             chunk_tokens=self.limits.score_chunk_tokens,
             softcap=self.softcap,
+            ranks=ranks,
         )
         return _split(out, [len(item.completion_ids) for item in items], items)
 
@@ -268,7 +287,29 @@ class HFBackend:
     def _teacher_ids(self, item: ScoreItem) -> list[int]:
         return self._teacher_context(item) + list(item.completion_ids)
 
+    # ---- generation (the OpenAI-compatible endpoints) -----------------------------------------------
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, cancel=None) -> list[Sample]:
+        """params.n samples continuing prompt_ids. Like score(), one call at a time (the forward thread)."""
+        return generate(
+            self.model,
+            self.decode,
+            prompt_ids,
+            params,
+            self.eos_token_ids,
+            self._cache_kwarg,
+            self.softcap,
+            cancel,
+        )
+
     # ---- tokenizer ----------------------------------------------------------------------------------
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each id decoded on its own: how OpenAI and vLLM show tokens in logprobs."""
+        return self.tokenizer.batch_decode([[i] for i in ids])
 
     def tokenize_text(self, text: str, add_special_tokens: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
@@ -281,46 +322,12 @@ class HFBackend:
         )
 
 
-class _NoPrefixReuse(Exception):
-    """The model's cache is not one a prompt can be shared through."""
-
-
-class _SharedPrefixLayer(DynamicLayer):
-    """One layer's prompt keys/values, seen by `rows` completions as a view, and never grown.
-
-    update() hands attention prompt + new states but keeps only the prompt: one prompt serves every chunk of
-    its group, and no completion keys pile up across layers (the plain forward keeps no cache at all).
-    """
-
-    def __init__(self, keys_1_K_P_D: torch.Tensor, values_1_K_P_D: torch.Tensor, rows: int):
-        super().__init__()
-        self.keys = keys_1_K_P_D.expand(rows, -1, -1, -1)
-        self.values = values_1_K_P_D.expand(rows, -1, -1, -1)
-        self.device = keys_1_K_P_D.device
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-
-
-class _SharedPrefixCache(DynamicCache):
-    def __init__(self, layers: list[_SharedPrefixLayer]):
-        Cache.__init__(self, layers=layers)  # DynamicCache.__init__ would copy the prompt into fresh layers
-
-
 @dataclass
-class _Prefix:
-    """A prompt run once: its last hidden state and every layer's keys/values (batch 1)."""
+class RankedScores(SequenceScores):
+    """SequenceScores plus each token's rank: 1 + the vocabulary entries with a larger logprob (the OpenAI
+    endpoints' prompt_logprobs need it; /v1/score never sends it)."""
 
-    last_hidden_1_H: torch.Tensor
-    keys_values: list[tuple[torch.Tensor, torch.Tensor]]
-
-    @property
-    def length(self) -> int:
-        return self.keys_values[0][0].shape[-2]
-
-    def cache(self, rows: int) -> Cache:
-        return _SharedPrefixCache([_SharedPrefixLayer(k, v, rows) for k, v in self.keys_values])
+    token_rank_T: np.ndarray | None = None  # int64 [T]
 
 
 def _cache_kwarg(base_model: torch.nn.Module) -> str | None:
@@ -346,15 +353,17 @@ def _split(out: dict[str, torch.Tensor], lengths: list[int], items: list[ScoreIt
         score_lp = None
         if item.score_ids_T_M is not None:
             score_lp = np.ascontiguousarray(arrays["score_logprobs"][rows, : item.score_ids_T_M.shape[1]])
-        results.append(
-            SequenceScores(
-                token_logprobs_T=arrays["token_logprobs"][rows],
-                top_ids_T_K=arrays["top_ids"][rows],
-                top_logprobs_T_K=arrays["top_logprobs"][rows],
-                tail_logprob_T=arrays["tail_logprobs"][rows],
-                score_logprobs_T_M=score_lp,
-            )
+        fields = dict(
+            token_logprobs_T=arrays["token_logprobs"][rows],
+            top_ids_T_K=arrays["top_ids"][rows],
+            top_logprobs_T_K=arrays["top_logprobs"][rows],
+            tail_logprob_T=arrays["tail_logprobs"][rows],
+            score_logprobs_T_M=score_lp,
         )
+        if "token_ranks" in arrays:
+            results.append(RankedScores(**fields, token_rank_T=arrays["token_ranks"][rows]))
+        else:
+            results.append(SequenceScores(**fields))
         start += n
     return results
 
@@ -364,6 +373,14 @@ def _bos_token_id(tokenizer, config) -> int | None:
         if isinstance(candidate, int):
             return candidate
     return None
+
+
+def _eos_token_ids(tokenizer, model) -> frozenset[int]:
+    """Ids that end a generation: the tokenizer's EOS and the model's generation_config ones."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return frozenset(i for i in ids if isinstance(i, int))
 
 
 def _weights_sha256(path: Path) -> str:

@@ -27,14 +27,21 @@ def score_hidden(
     score_ids_N_M: torch.Tensor | None = None,
     chunk_tokens: int = 512,
     softcap: float | None = None,
+    ranks: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per row: logprob of the target, top-k ids/logprobs, log tail mass, logprobs of score ids (fp32, CPU)."""
-    token_lp, top_ids, top_lp, tail_lp, score_lp = [], [], [], [], []
+    """Per row: logprob of the target, top-k ids/logprobs, log tail mass, logprobs of score ids (fp32, CPU).
+
+    With `ranks`, also "token_ranks": 1 + the number of vocabulary entries with a strictly larger logprob
+    than the target's (exact over the whole vocabulary, whether or not the target is in the top-k).
+    """
+    token_lp, top_ids, top_lp, tail_lp, score_lp, token_rank = [], [], [], [], [], []
     for start in range(0, hidden_N_H.shape[0], chunk_tokens):
         rows = slice(start, start + chunk_tokens)
-        logprobs_C_V = _logprobs(lm_head(hidden_N_H[rows]), temperature, softcap)
+        logprobs_C_V = logprobs_of(lm_head(hidden_N_H[rows]), temperature, softcap)
         targets_C = targets_N[rows].to(logprobs_C_V.device)
         token_lp.append(logprobs_C_V.gather(1, targets_C[:, None])[:, 0])
+        if ranks:  # before the in-place scatter below overwrites the top-k entries
+            token_rank.append((logprobs_C_V > token_lp[-1][:, None]).sum(-1) + 1)
         values_C_K, ids_C_K = logprobs_C_V.topk(top_k, dim=-1, sorted=True)
         top_ids.append(ids_C_K)
         top_lp.append(values_C_K)
@@ -53,10 +60,14 @@ def score_hidden(
     }
     if score_ids_N_M is not None:
         out["score_logprobs"] = torch.cat(score_lp).cpu()
+    if ranks:
+        out["token_ranks"] = torch.cat(token_rank).to(torch.int64).cpu()
     return out
 
 
-def _logprobs(logits_C_V: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
+def logprobs_of(logits_C_V: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
+    """fp32 log-softmax of lm_head outputs (soft-capped, divided by temperature): the one definition of a
+    teacher logprob, shared by scoring and generation so both report the same numbers."""
     logits_C_V = logits_C_V.float()
     if softcap:  # Gemma-style final logit soft-capping
         logits_C_V = torch.tanh(logits_C_V / softcap) * softcap

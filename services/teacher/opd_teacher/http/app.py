@@ -18,6 +18,7 @@ from opd_teacher import metrics
 from opd_teacher.engine import TeacherEngine
 from opd_teacher.http.auth import BearerAuth
 from opd_teacher.http.errors import ClientGone, install_error_handlers
+from opd_teacher.http.openai_compat import openai_router
 
 _ERRORS = {
     400: {"model": schema.ErrorBody},
@@ -175,6 +176,9 @@ def create_app(engine: TeacherEngine, api_keys: set[str] | None = None) -> FastA
     async def prometheus() -> PlainTextResponse:
         metrics.READY.set(1 if engine.ready else 0)
         return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    # /v1/completions, /v1/chat/completions, /health and /v2/health/*: OpenAI/vLLM/KServe clients as they are
+    app.include_router(openai_router(engine, _until_disconnect, deadline_from))
 
     if api_keys:
         app.add_middleware(BearerAuth, api_keys=api_keys)
