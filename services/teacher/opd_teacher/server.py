@@ -87,10 +87,12 @@ async def serve(config: ServerConfig, loaders: dict[str, Callable[[], Backend]])
 
     log.info("draining: not ready, finishing in-flight requests (up to %.0f s)", config.drain_timeout_s)
     engine.draining = True
-    if grpc_server is not None:
-        await grpc_server.stop(grace=config.drain_timeout_s)
+    # Both faces drain at once, so the whole drain fits in one --drain-timeout (pods' grace period).
     http.should_exit = True
-    await http_task
+    draining = [http_task]
+    if grpc_server is not None:
+        draining.append(asyncio.create_task(grpc_server.stop(grace=config.drain_timeout_s)))
+    await asyncio.gather(*draining)
     load_task.cancel()
     await engine.close()
     log.info("stopped")

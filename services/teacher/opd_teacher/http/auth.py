@@ -7,7 +7,9 @@ import hmac
 from opd_client.errors import Unauthenticated
 from opd_teacher.http.errors import error_response
 
-OPEN_PREFIXES = ("/health/", "/health", "/v2/health/")
+# Health checks and Prometheus scrapes come from kubelets and scrapers that hold no key. /metrics holds
+# counts and timings only, never request content; keep it off the public network (NetworkPolicy).
+OPEN_PREFIXES = ("/health/", "/health", "/v2/health/", "/metrics")
 
 
 class BearerAuth:
