@@ -22,14 +22,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from test_deploy_k8s import opd_parse, pod_security, render
+from test_deploy_k8s import REPO, opd_parse, pod_security, render
 
-REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "deploy" / "docker"
-K8S = REPO / "deploy" / "k8s"
-SECRET_EXAMPLE = K8S / "examples" / "teacher-api-key.secret.yaml"
-TARGETS = ["base", "overlays/cpu", "overlays/gpu"]
-KUBE_VERSIONS = ["1.29.0", "1.37.0"]  # the oldest and newest Kubernetes API the manifests promise
 DOCKERFILES = ["teacher.Dockerfile", "trainer.Dockerfile"]
 
 

@@ -19,12 +19,10 @@ import yaml
 from opd_cli.main import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
-DOCKER = REPO / "deploy" / "docker"
 K8S = REPO / "deploy" / "k8s"
 SECRET_EXAMPLE = K8S / "examples" / "teacher-api-key.secret.yaml"
 TARGETS = ["base", "overlays/cpu", "overlays/gpu"]
 KUBE_VERSIONS = ["1.29.0", "1.37.0"]  # the oldest and newest Kubernetes API the manifests promise
-DOCKERFILES = ["teacher.Dockerfile", "trainer.Dockerfile"]
 
 
 # ---- Kubernetes ------------------------------------------------------------------------------------------

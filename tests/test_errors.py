@@ -135,7 +135,8 @@ def test_auth_required_except_health(teacher, key, words):
         ("/v1/score", "post"),
         ("/v1/models", "get"),
         ("/v1/tokenize", "post"),
-        ("/metrics", "get"),
+        ("/v1/completions", "post"),
+        ("/v1/chat/completions", "post"),
         ("/docs", "get"),
     ):
         headers = {} if key is None else {"Authorization": f"Bearer {key}"}
@@ -143,8 +144,16 @@ def test_auth_required_except_health(teacher, key, words):
         assert r.status_code == 401, (path, r.status_code)
         assert words in r.json()["error"]["message"]
         assert r.headers["WWW-Authenticate"] == "Bearer"
-    for path in ("/health/live", "/health/ready"):
-        assert httpx.get(f"{teacher.http_url}{path}").status_code == 200
+    # open: health checks (kubelets, vLLM/TRL, KServe v2) and Prometheus scrapes hold no key
+    for path in (
+        "/health/live",
+        "/health/ready",
+        "/health",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/metrics",
+    ):
+        assert httpx.get(f"{teacher.http_url}{path}").status_code == 200, path
 
 
 def test_tokenize_errors(teacher):
