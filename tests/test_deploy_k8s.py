@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from opd_cli.main import build_parser
+from opd_teacher.server import HTTP_FLUSH_S
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
@@ -156,8 +157,9 @@ def test_teacher_probes_drain_and_security(target):
     assert startup["failureThreshold"] * startup.get("periodSeconds", 10) >= 600, "slow loads need >= 10 min"
     sleep, seconds = c["lifecycle"]["preStop"]["exec"]["command"]
     assert sleep == "sleep" and 0 < float(seconds) <= 30
-    # On SIGTERM the service drains gRPC and HTTP at once, for up to --drain-timeout (opd_teacher/server.py).
-    assert spec["terminationGracePeriodSeconds"] > float(seconds) + args.drain_timeout
+    # On SIGTERM the service finishes in-flight work for up to --drain-timeout, then flushes for up to
+    # HTTP_FLUSH_S (opd_teacher/server.py).
+    assert spec["terminationGracePeriodSeconds"] > float(seconds) + args.drain_timeout + HTTP_FLUSH_S
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes[mount_under(c, "/dev/shm")["name"]]["emptyDir"]["medium"] == "Memory"
     assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"] > 0
