@@ -1,4 +1,4 @@
-"""Subcommands owned by the student side: train, eval, make-student, report, demo."""
+"""Subcommands owned by the student side: train, eval, make-student, report, demo, analyze-update."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from opd_student import demo, eval, make_student, report
+from opd_student import analyze_update, demo, eval, make_student, report
 from opd_student.config import add_config_flags, config_from_args
 
 
@@ -24,6 +24,7 @@ def register(subparsers) -> None:
     make_student.register(subparsers)
     report.register(subparsers)
     demo.register(subparsers)
+    analyze_update.register(subparsers)
 
 
 def train_main(args: argparse.Namespace) -> None:
