@@ -215,3 +215,68 @@ def model_info_to_proto(info: schema.ModelInfo) -> pb.ModelInfo:
 
 def model_info_from_proto(msg: pb.ModelInfo) -> schema.ModelInfo:
     return schema.ModelInfo(**{f: getattr(msg, f) for f in schema.ModelInfo.model_fields})
+
+
+# ---- black-box chunk scoring ------------------------------------------------------------------------
+
+# Tunables that are `optional` in the proto: unset there means the schema's default here.
+_CHUNK_OPTIONAL = (
+    "num_chunks",
+    "chunk_tokens",
+    "num_samples",
+    "temperature",
+    "similarity_threshold",
+    "prior",
+    "alpha",
+    "top_logprobs",
+)
+
+
+def chunk_request_to_proto(req: schema.ChunkScoreRequest) -> pb.ChunkScoreRequest:
+    msg = pb.ChunkScoreRequest(
+        model=req.model or "",
+        messages=[pb.ChatMessage(role=m.role, content=m.content) for m in req.messages],
+        completion=req.completion,
+        entropies=req.entropies or [],
+        return_samples=req.return_samples,
+    )
+    for name in _CHUNK_OPTIONAL:
+        setattr(msg, name, getattr(req, name))
+    return msg
+
+
+def chunk_request_from_proto(msg: pb.ChunkScoreRequest) -> schema.ChunkScoreRequest:
+    """The JSON-face request for a gRPC one, so both go through the same validation."""
+    given = {name: getattr(msg, name) for name in _CHUNK_OPTIONAL if msg.HasField(name)}
+    return schema.ChunkScoreRequest(
+        model=msg.model or None,
+        messages=[schema.ChatMessage(role=m.role, content=m.content) for m in msg.messages],
+        completion=list(msg.completion),
+        # proto3 cannot tell an empty list from an unset one; zero entropies would pick nothing anyway.
+        entropies=list(msg.entropies) or None,
+        return_samples=msg.return_samples,
+        **given,
+    )
+
+
+def chunk_response_to_proto(resp: schema.ChunkScoreResponse) -> pb.ChunkScoreResponse:
+    chunks = []
+    for c in resp.chunks:
+        fields = c.model_dump(exclude={"token_logprobs", "samples"})
+        chunk = pb.ChunkScore(**fields, samples=c.samples or [])
+        chunk.token_logprobs.extend(float("nan") if x is None else x for x in c.token_logprobs)
+        chunks.append(chunk)
+    return pb.ChunkScoreResponse(
+        model=resp.model, chunks=chunks, usage=pb.ApiUsage(**resp.usage.model_dump())
+    )
+
+
+def chunk_response_from_proto(msg: pb.ChunkScoreResponse) -> schema.ChunkScoreResponse:
+    chunks = []
+    for c in msg.chunks:
+        fields = {name: getattr(c, name) for name in schema.ChunkScore.model_fields}
+        fields["token_logprobs"] = [None if x != x else float(x) for x in c.token_logprobs]  # NaN -> None
+        fields["samples"] = list(c.samples) or None
+        chunks.append(schema.ChunkScore(**fields))
+    usage = schema.ApiUsage(**{name: getattr(msg.usage, name) for name in schema.ApiUsage.model_fields})
+    return schema.ChunkScoreResponse(model=msg.model, chunks=chunks, usage=usage)

@@ -85,6 +85,15 @@ class DeadlineExceeded(OpdError):
     type = "timeout_error"
 
 
+class UpstreamError(OpdError):
+    """A black-box teacher's API gave an answer we cannot use (not JSON, fields missing, our request or key
+    refused). Not retried by the clients; the trainer waits and resends like for an outage."""
+
+    http_status = 502
+    grpc_code = "INTERNAL"
+    type = "upstream_error"
+
+
 _BY_HTTP = {
     c.http_status: c
     for c in (
@@ -96,6 +105,7 @@ _BY_HTTP = {
         Overloaded,
         Unavailable,
         DeadlineExceeded,
+        UpstreamError,
     )
 }
 _BY_GRPC = {

@@ -112,6 +112,15 @@ class GrpcTeacherClient:
         reply = self._call("Score", convert.score_request_to_proto(req))
         return convert.score_result_from_proto(reply)
 
+    def chunk_score(self, request: schema.ChunkScoreRequest | dict) -> schema.ChunkScoreResponse:
+        """Black-box scoring of one student completion (ChunkScore); the same answer as HTTP's."""
+        req = (
+            request if isinstance(request, schema.ChunkScoreRequest) else schema.ChunkScoreRequest(**request)
+        )
+        return convert.chunk_response_from_proto(
+            self._call("ChunkScore", convert.chunk_request_to_proto(req))
+        )
+
     def close(self) -> None:
         self._channel.close()
 

@@ -107,6 +107,11 @@ def _score_request(
     return _Request("POST", "/v1/score", body, accept=_ACCEPT_PROTOBUF if protobuf else JSON)
 
 
+def _chunk_score_request(req: schema.ChunkScoreRequest | dict) -> _Request:
+    req = req if isinstance(req, schema.ChunkScoreRequest) else schema.ChunkScoreRequest(**req)
+    return _Request("POST", "/v1/chunk-score", req.model_dump(exclude_none=True))
+
+
 # ---- responses --------------------------------------------------------------------------------------
 
 
@@ -175,6 +180,10 @@ def _models_from_body(body: dict) -> list[schema.ModelInfo]:
 
 def _token_ids_from_body(body: dict) -> list[int]:
     return [int(i) for i in body["token_ids"]]
+
+
+def _chunk_scores_from_body(body: dict) -> schema.ChunkScoreResponse:
+    return schema.ChunkScoreResponse.model_validate(body)
 
 
 # ---- retries ----------------------------------------------------------------------------------------
@@ -289,6 +298,11 @@ class HttpTeacherClient:
         request = _score_request(sequences, top_k, temperature, score_ids, model, format, logprob_dtype)
         return self._call(request, _score_or_error)
 
+    def chunk_score(self, request: schema.ChunkScoreRequest | dict) -> schema.ChunkScoreResponse:
+        """Black-box scoring of one student completion (a teacher served with --backend openai): per
+        chunk the similarity of the teacher's samples, the smoothed reward and the accepted tokens."""
+        return _chunk_scores_from_body(self._call(_chunk_score_request(request)))
+
     def _call(
         self,
         request: _Request,
@@ -371,6 +385,9 @@ class AsyncHttpTeacherClient:
     ) -> ScoreResult:
         request = _score_request(sequences, top_k, temperature, score_ids, model, format, logprob_dtype)
         return await self._call(request, _score_or_error)
+
+    async def chunk_score(self, request: schema.ChunkScoreRequest | dict) -> schema.ChunkScoreResponse:
+        return _chunk_scores_from_body(await self._call(_chunk_score_request(request)))
 
     async def _call(
         self,

@@ -89,6 +89,10 @@ class ModelInfo(BaseModel):
     dtype: str
     device: str
     source: str
+    black_box: bool = Field(
+        default=False,
+        description="an OpenAI-compatible API teacher: POST /v1/chunk-score only (no logprobs of given ids)",
+    )
 
 
 class ModelCard(ModelInfo):
@@ -123,6 +127,76 @@ class TokenizeResponse(BaseModel):
     model: str
     token_ids: list[int]
     text: str = Field(description="the text that was tokenized (the rendered chat template for messages)")
+
+
+class ChunkScoreRequest(_Strict):
+    """Black-box scoring of one student completion (POST /v1/chunk-score, gRPC ChunkScore)."""
+
+    model: StrictStr | None = Field(default=None, description="teacher name; default: the first one")
+    messages: list[ChatMessage] = Field(description="the chat prompt as the teacher sees it")
+    completion: list[StrictStr] = Field(
+        description="the student's completion, one string per student token; their concatenation is the "
+        "completion text (a special token such as the final EOS is an empty string)"
+    )
+    entropies: list[StrictFloat | StrictInt] | None = Field(
+        default=None,
+        description="the student's entropy at each completion token: chunks start at the highest ones. "
+        "Without them chunks are spread evenly",
+    )
+    num_chunks: StrictInt = Field(
+        default=4, description="M: chunks scored (fewer if the completion is short)"
+    )
+    chunk_tokens: StrictInt = Field(default=8, description="C: student tokens per chunk")
+    num_samples: StrictInt = Field(default=4, description="N: teacher samples per chunk")
+    temperature: StrictFloat | StrictInt = Field(
+        default=1.0, description="the teacher's sampling temperature"
+    )
+    similarity_threshold: StrictFloat | StrictInt = Field(
+        default=0.7, description="embedding cosine at or above which a teacher sample counts as a match"
+    )
+    prior: StrictFloat | StrictInt = Field(default=0.5, description="the reward's prior share of matches")
+    alpha: StrictFloat | StrictInt = Field(default=1.0, description="the prior's weight in pseudo-samples")
+    top_logprobs: StrictInt = Field(
+        default=5, description="alternatives asked per greedy token for the verification logprobs (0-20)"
+    )
+    return_samples: StrictBool = Field(
+        default=False, description="include the teacher's samples in the answer"
+    )
+
+
+class ChunkScore(BaseModel):
+    """One chunk [start, end) of the student's completion (student token positions) and the teacher's verdict."""
+
+    start: int
+    end: int
+    text: str = Field(description="the student's chunk")
+    similarity: float = Field(description="mean embedding cosine of the N teacher samples to the chunk")
+    similarity_max: float
+    edit_similarity: float = Field(description="mean normalised character edit similarity (1 - lev/max len)")
+    edit_similarity_max: float
+    matches: int = Field(description="k: teacher samples with cosine >= similarity_threshold")
+    reward: float = Field(description="(k + alpha * prior) / (N + alpha)")
+    accepted_tokens: int = Field(description="leading chunk tokens the teacher's greedy continuation accepts")
+    token_logprobs: list[float | None] = Field(
+        description="per chunk token, the teacher's logprob of it where its top_logprobs tell it (else null)"
+    )
+    greedy: str = Field(description="the teacher's greedy continuation of the chunk's prefix")
+    samples: list[str] | None = None
+
+
+class ApiUsage(BaseModel):
+    """What a black-box request cost at the teacher's API."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retries: int = 0
+
+
+class ChunkScoreResponse(BaseModel):
+    model: str
+    chunks: list[ChunkScore]
+    usage: ApiUsage
 
 
 class ErrorDetail(BaseModel):

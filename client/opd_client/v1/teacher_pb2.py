@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bopd_client/v1/teacher.proto\x12\x06opd.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x18\n\x10tokenizer_sha256\x18\x04 \x01(\t\x12\x11\n\tmax_top_k\x18\x05 \x01(\x05\x12\x12\n\nmax_tokens\x18\x06 \x01(\x03\x12\x18\n\x10max_sequence_len\x18\x07 \x01(\x03\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x0e\n\x06source\x18\n \x01(\t\"\x10\n\x0eGetInfoRequest\"4\n\x0fGetInfoResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.opd.v1.ModelInfo\"\x89\x01\n\x08Sequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\nprompt_len\x18\x02 \x01(\x05\x12,\n\x12teacher_prefix_ids\x18\x03 \x01(\x0b\x32\x10.opd.v1.TokenIds\x12\x11\n\tscore_ids\x18\x04 \x03(\x05\x12\x15\n\rnum_score_ids\x18\x05 \x01(\x05\"\x92\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\tsequences\x18\x02 \x03(\x0b\x32\x10.opd.v1.Sequence\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\rlogprob_dtype\x18\x05 \x01(\tB\x0e\n\x0c_temperature\"\xce\x01\n\x0eSequenceScores\x12&\n\x0etoken_logprobs\x18\x01 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12\x1f\n\x07top_ids\x18\x02 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12$\n\x0ctop_logprobs\x18\x03 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12%\n\rtail_logprobs\x18\x04 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12&\n\x0escore_logprobs\x18\x05 \x01(\x0b\x32\x0e.opd.v1.Tensor\"6\n\x05Usage\x12\x15\n\rscored_tokens\x18\x01 \x01(\x03\x12\x16\n\x0e\x66orward_tokens\x18\x02 \x01(\x03\"g\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\tsequences\x18\x02 \x03(\x0b\x32\x16.opd.v1.SequenceScores\x12\x1c\n\x05usage\x18\x03 \x01(\x0b\x32\r.opd.v1.Usage\"O\n\x05\x45rror\x12\x11\n\tgrpc_code\x18\x01 \x01(\x05\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"O\n\x12ScoreStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x07request\x18\x02 \x01(\x0b\x32\x14.opd.v1.ScoreRequest\"\x7f\n\x13ScoreStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08response\x18\x02 \x01(\x0b\x32\x15.opd.v1.ScoreResponseH\x00\x12\x1e\n\x05\x65rror\x18\x03 \x01(\x0b\x32\r.opd.v1.ErrorH\x00\x42\t\n\x07outcome2\xc7\x01\n\x07Teacher\x12:\n\x07GetInfo\x12\x16.opd.v1.GetInfoRequest\x1a\x17.opd.v1.GetInfoResponse\x12\x34\n\x05Score\x12\x14.opd.v1.ScoreRequest\x1a\x15.opd.v1.ScoreResponse\x12J\n\x0bScoreStream\x12\x1a.opd.v1.ScoreStreamRequest\x1a\x1b.opd.v1.ScoreStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bopd_client/v1/teacher.proto\x12\x06opd.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xdc\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x18\n\x10tokenizer_sha256\x18\x04 \x01(\t\x12\x11\n\tmax_top_k\x18\x05 \x01(\x05\x12\x12\n\nmax_tokens\x18\x06 \x01(\x03\x12\x18\n\x10max_sequence_len\x18\x07 \x01(\x03\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x0e\n\x06source\x18\n \x01(\t\x12\x11\n\tblack_box\x18\x0b \x01(\x08\"\x10\n\x0eGetInfoRequest\"4\n\x0fGetInfoResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.opd.v1.ModelInfo\"\x89\x01\n\x08Sequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\nprompt_len\x18\x02 \x01(\x05\x12,\n\x12teacher_prefix_ids\x18\x03 \x01(\x0b\x32\x10.opd.v1.TokenIds\x12\x11\n\tscore_ids\x18\x04 \x03(\x05\x12\x15\n\rnum_score_ids\x18\x05 \x01(\x05\"\x92\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\tsequences\x18\x02 \x03(\x0b\x32\x10.opd.v1.Sequence\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\rlogprob_dtype\x18\x05 \x01(\tB\x0e\n\x0c_temperature\"\xce\x01\n\x0eSequenceScores\x12&\n\x0etoken_logprobs\x18\x01 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12\x1f\n\x07top_ids\x18\x02 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12$\n\x0ctop_logprobs\x18\x03 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12%\n\rtail_logprobs\x18\x04 \x01(\x0b\x32\x0e.opd.v1.Tensor\x12&\n\x0escore_logprobs\x18\x05 \x01(\x0b\x32\x0e.opd.v1.Tensor\"6\n\x05Usage\x12\x15\n\rscored_tokens\x18\x01 \x01(\x03\x12\x16\n\x0e\x66orward_tokens\x18\x02 \x01(\x03\"g\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\tsequences\x18\x02 \x03(\x0b\x32\x16.opd.v1.SequenceScores\x12\x1c\n\x05usage\x18\x03 \x01(\x0b\x32\r.opd.v1.Usage\"O\n\x05\x45rror\x12\x11\n\tgrpc_code\x18\x01 \x01(\x05\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"O\n\x12ScoreStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x07request\x18\x02 \x01(\x0b\x32\x14.opd.v1.ScoreRequest\"\x7f\n\x13ScoreStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08response\x18\x02 \x01(\x0b\x32\x15.opd.v1.ScoreResponseH\x00\x12\x1e\n\x05\x65rror\x18\x03 \x01(\x0b\x32\r.opd.v1.ErrorH\x00\x42\t\n\x07outcome\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd4\x03\n\x11\x43hunkScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.opd.v1.ChatMessage\x12\x12\n\ncompletion\x18\x03 \x03(\t\x12\x11\n\tentropies\x18\x04 \x03(\x02\x12\x17\n\nnum_chunks\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0c\x63hunk_tokens\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0bnum_samples\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x08 \x01(\x01H\x03\x88\x01\x01\x12!\n\x14similarity_threshold\x18\t \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05prior\x18\n \x01(\x01H\x05\x88\x01\x01\x12\x12\n\x05\x61lpha\x18\x0b \x01(\x01H\x06\x88\x01\x01\x12\x19\n\x0ctop_logprobs\x18\x0c \x01(\x05H\x07\x88\x01\x01\x12\x16\n\x0ereturn_samples\x18\r \x01(\x08\x42\r\n\x0b_num_chunksB\x0f\n\r_chunk_tokensB\x0e\n\x0c_num_samplesB\x0e\n\x0c_temperatureB\x17\n\x15_similarity_thresholdB\x08\n\x06_priorB\x08\n\x06_alphaB\x0f\n\r_top_logprobs\"\x8b\x02\n\nChunkScore\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x12\n\nsimilarity\x18\x04 \x01(\x01\x12\x16\n\x0esimilarity_max\x18\x05 \x01(\x01\x12\x17\n\x0f\x65\x64it_similarity\x18\x06 \x01(\x01\x12\x1b\n\x13\x65\x64it_similarity_max\x18\x07 \x01(\x01\x12\x0f\n\x07matches\x18\x08 \x01(\x05\x12\x0e\n\x06reward\x18\t \x01(\x01\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\n \x01(\x05\x12\x16\n\x0etoken_logprobs\x18\x0b \x03(\x02\x12\x0e\n\x06greedy\x18\x0c \x01(\t\x12\x0f\n\x07samples\x18\r \x03(\t\"_\n\x08\x41piUsage\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x03\x12\x0f\n\x07retries\x18\x04 \x01(\x03\"h\n\x12\x43hunkScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x12.opd.v1.ChunkScore\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.opd.v1.ApiUsage2\x8c\x02\n\x07Teacher\x12:\n\x07GetInfo\x12\x16.opd.v1.GetInfoRequest\x1a\x17.opd.v1.GetInfoResponse\x12\x34\n\x05Score\x12\x14.opd.v1.ScoreRequest\x1a\x15.opd.v1.ScoreResponse\x12J\n\x0bScoreStream\x12\x1a.opd.v1.ScoreStreamRequest\x1a\x1b.opd.v1.ScoreStreamResponse(\x01\x30\x01\x12\x43\n\nChunkScore\x12\x19.opd.v1.ChunkScoreRequest\x1a\x1a.opd.v1.ChunkScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,27 +36,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=93
   _globals['_TOKENIDS']._serialized_end=116
   _globals['_MODELINFO']._serialized_start=119
-  _globals['_MODELINFO']._serialized_end=320
-  _globals['_GETINFOREQUEST']._serialized_start=322
-  _globals['_GETINFOREQUEST']._serialized_end=338
-  _globals['_GETINFORESPONSE']._serialized_start=340
-  _globals['_GETINFORESPONSE']._serialized_end=392
-  _globals['_SEQUENCE']._serialized_start=395
-  _globals['_SEQUENCE']._serialized_end=532
-  _globals['_SCOREREQUEST']._serialized_start=535
-  _globals['_SCOREREQUEST']._serialized_end=681
-  _globals['_SEQUENCESCORES']._serialized_start=684
-  _globals['_SEQUENCESCORES']._serialized_end=890
-  _globals['_USAGE']._serialized_start=892
-  _globals['_USAGE']._serialized_end=946
-  _globals['_SCORERESPONSE']._serialized_start=948
-  _globals['_SCORERESPONSE']._serialized_end=1051
-  _globals['_ERROR']._serialized_start=1053
-  _globals['_ERROR']._serialized_end=1132
-  _globals['_SCORESTREAMREQUEST']._serialized_start=1134
-  _globals['_SCORESTREAMREQUEST']._serialized_end=1213
-  _globals['_SCORESTREAMRESPONSE']._serialized_start=1215
-  _globals['_SCORESTREAMRESPONSE']._serialized_end=1342
-  _globals['_TEACHER']._serialized_start=1345
-  _globals['_TEACHER']._serialized_end=1544
+  _globals['_MODELINFO']._serialized_end=339
+  _globals['_GETINFOREQUEST']._serialized_start=341
+  _globals['_GETINFOREQUEST']._serialized_end=357
+  _globals['_GETINFORESPONSE']._serialized_start=359
+  _globals['_GETINFORESPONSE']._serialized_end=411
+  _globals['_SEQUENCE']._serialized_start=414
+  _globals['_SEQUENCE']._serialized_end=551
+  _globals['_SCOREREQUEST']._serialized_start=554
+  _globals['_SCOREREQUEST']._serialized_end=700
+  _globals['_SEQUENCESCORES']._serialized_start=703
+  _globals['_SEQUENCESCORES']._serialized_end=909
+  _globals['_USAGE']._serialized_start=911
+  _globals['_USAGE']._serialized_end=965
+  _globals['_SCORERESPONSE']._serialized_start=967
+  _globals['_SCORERESPONSE']._serialized_end=1070
+  _globals['_ERROR']._serialized_start=1072
+  _globals['_ERROR']._serialized_end=1151
+  _globals['_SCORESTREAMREQUEST']._serialized_start=1153
+  _globals['_SCORESTREAMREQUEST']._serialized_end=1232
+  _globals['_SCORESTREAMRESPONSE']._serialized_start=1234
+  _globals['_SCORESTREAMRESPONSE']._serialized_end=1361
+  _globals['_CHATMESSAGE']._serialized_start=1363
+  _globals['_CHATMESSAGE']._serialized_end=1407
+  _globals['_CHUNKSCOREREQUEST']._serialized_start=1410
+  _globals['_CHUNKSCOREREQUEST']._serialized_end=1878
+  _globals['_CHUNKSCORE']._serialized_start=1881
+  _globals['_CHUNKSCORE']._serialized_end=2148
+  _globals['_APIUSAGE']._serialized_start=2150
+  _globals['_APIUSAGE']._serialized_end=2245
+  _globals['_CHUNKSCORERESPONSE']._serialized_start=2247
+  _globals['_CHUNKSCORERESPONSE']._serialized_end=2351
+  _globals['_TEACHER']._serialized_start=2354
+  _globals['_TEACHER']._serialized_end=2622
 # @@protoc_insertion_point(module_scope)

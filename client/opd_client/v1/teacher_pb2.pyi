@@ -23,7 +23,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "revision", "vocab_size", "tokenizer_sha256", "max_top_k", "max_tokens", "max_sequence_len", "dtype", "device", "source")
+    __slots__ = ("name", "revision", "vocab_size", "tokenizer_sha256", "max_top_k", "max_tokens", "max_sequence_len", "dtype", "device", "source", "black_box")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    BLACK_BOX_FIELD_NUMBER: _ClassVar[int]
     name: str
     revision: str
     vocab_size: int
@@ -44,7 +45,8 @@ class ModelInfo(_message.Message):
     dtype: str
     device: str
     source: str
-    def __init__(self, name: _Optional[str] = ..., revision: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_sha256: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_sequence_len: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+    black_box: bool
+    def __init__(self, name: _Optional[str] = ..., revision: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_sha256: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_sequence_len: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., source: _Optional[str] = ..., black_box: _Optional[bool] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
@@ -145,3 +147,93 @@ class ScoreStreamResponse(_message.Message):
     response: ScoreResponse
     error: Error
     def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[ScoreResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class ChunkScoreRequest(_message.Message):
+    __slots__ = ("model", "messages", "completion", "entropies", "num_chunks", "chunk_tokens", "num_samples", "temperature", "similarity_threshold", "prior", "alpha", "top_logprobs", "return_samples")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    ENTROPIES_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    completion: _containers.RepeatedScalarFieldContainer[str]
+    entropies: _containers.RepeatedScalarFieldContainer[float]
+    num_chunks: int
+    chunk_tokens: int
+    num_samples: int
+    temperature: float
+    similarity_threshold: float
+    prior: float
+    alpha: float
+    top_logprobs: int
+    return_samples: bool
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., completion: _Optional[_Iterable[str]] = ..., entropies: _Optional[_Iterable[float]] = ..., num_chunks: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., num_samples: _Optional[int] = ..., temperature: _Optional[float] = ..., similarity_threshold: _Optional[float] = ..., prior: _Optional[float] = ..., alpha: _Optional[float] = ..., top_logprobs: _Optional[int] = ..., return_samples: _Optional[bool] = ...) -> None: ...
+
+class ChunkScore(_message.Message):
+    __slots__ = ("start", "end", "text", "similarity", "similarity_max", "edit_similarity", "edit_similarity_max", "matches", "reward", "accepted_tokens", "token_logprobs", "greedy", "samples")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_MAX_FIELD_NUMBER: _ClassVar[int]
+    EDIT_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    EDIT_SIMILARITY_MAX_FIELD_NUMBER: _ClassVar[int]
+    MATCHES_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    GREEDY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    text: str
+    similarity: float
+    similarity_max: float
+    edit_similarity: float
+    edit_similarity_max: float
+    matches: int
+    reward: float
+    accepted_tokens: int
+    token_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    greedy: str
+    samples: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., text: _Optional[str] = ..., similarity: _Optional[float] = ..., similarity_max: _Optional[float] = ..., edit_similarity: _Optional[float] = ..., edit_similarity_max: _Optional[float] = ..., matches: _Optional[int] = ..., reward: _Optional[float] = ..., accepted_tokens: _Optional[int] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., greedy: _Optional[str] = ..., samples: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ApiUsage(_message.Message):
+    __slots__ = ("requests", "prompt_tokens", "completion_tokens", "retries")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    retries: int
+    def __init__(self, requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., retries: _Optional[int] = ...) -> None: ...
+
+class ChunkScoreResponse(_message.Message):
+    __slots__ = ("model", "chunks", "usage")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    chunks: _containers.RepeatedCompositeFieldContainer[ChunkScore]
+    usage: ApiUsage
+    def __init__(self, model: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[ChunkScore, _Mapping]]] = ..., usage: _Optional[_Union[ApiUsage, _Mapping]] = ...) -> None: ...

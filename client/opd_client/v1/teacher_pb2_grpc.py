@@ -50,6 +50,11 @@ class TeacherStub:
                 request_serializer=opd__client_dot_v1_dot_teacher__pb2.ScoreStreamRequest.SerializeToString,
                 response_deserializer=opd__client_dot_v1_dot_teacher__pb2.ScoreStreamResponse.FromString,
                 _registered_method=True)
+        self.ChunkScore = channel.unary_unary(
+                '/opd.v1.Teacher/ChunkScore',
+                request_serializer=opd__client_dot_v1_dot_teacher__pb2.ChunkScoreRequest.SerializeToString,
+                response_deserializer=opd__client_dot_v1_dot_teacher__pb2.ChunkScoreResponse.FromString,
+                _registered_method=True)
 
 
 class TeacherServicer:
@@ -78,6 +83,14 @@ class TeacherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ChunkScore(self, request, context):
+        """Black-box teacher (an OpenAI-compatible chat API): chunks of a student's completion rewarded by
+        their similarity to the teacher's own continuations of the same prefix.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TeacherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +108,11 @@ def add_TeacherServicer_to_server(servicer, server):
                     servicer.ScoreStream,
                     request_deserializer=opd__client_dot_v1_dot_teacher__pb2.ScoreStreamRequest.FromString,
                     response_serializer=opd__client_dot_v1_dot_teacher__pb2.ScoreStreamResponse.SerializeToString,
+            ),
+            'ChunkScore': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChunkScore,
+                    request_deserializer=opd__client_dot_v1_dot_teacher__pb2.ChunkScoreRequest.FromString,
+                    response_serializer=opd__client_dot_v1_dot_teacher__pb2.ChunkScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +197,33 @@ class Teacher:
             '/opd.v1.Teacher/ScoreStream',
             opd__client_dot_v1_dot_teacher__pb2.ScoreStreamRequest.SerializeToString,
             opd__client_dot_v1_dot_teacher__pb2.ScoreStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChunkScore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opd.v1.Teacher/ChunkScore',
+            opd__client_dot_v1_dot_teacher__pb2.ChunkScoreRequest.SerializeToString,
+            opd__client_dot_v1_dot_teacher__pb2.ChunkScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,7 +31,45 @@ def register(subparsers) -> None:
         default=[],
         help="alias for the --model at the same position (alternative to ALIAS=)",
     )
-    p.add_argument("--backend", choices=["hf"], default="hf", help="hf: white-box HF transformers model")
+    p.add_argument(
+        "--backend",
+        choices=["hf", "openai"],
+        default="hf",
+        help="hf: white-box HF transformers model; openai: black-box teacher behind an OpenAI-compatible "
+        "chat API (--api-base, --api-model), served through POST /v1/chunk-score",
+    )
+    api = p.add_argument_group("black-box teacher (--backend openai)")
+    api.add_argument("--api-base", help="the API's base URL, e.g. https://api.example.com/v1")
+    api.add_argument(
+        "--api-model", help="the model name the API expects; also the teacher's name unless --name"
+    )
+    api.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="environment variable holding the API key (sent as 'Authorization: Bearer KEY')",
+    )
+    api.add_argument("--api-max-concurrency", type=int, default=8, help="calls in flight to the API at once")
+    api.add_argument("--api-timeout", type=float, default=60.0, help="seconds per API call before a retry")
+    api.add_argument(
+        "--api-max-attempts",
+        type=int,
+        default=4,
+        help="tries per API call (first included) on 429/5xx, timeouts and unreadable answers",
+    )
+    api.add_argument(
+        "--api-max-backoff",
+        type=float,
+        default=30.0,
+        help="longest wait between tries; a longer Retry-After is passed on to our caller (429 + Retry-After)",
+    )
+    api.add_argument(
+        "--api-prefill",
+        choices=["instruct", "assistant", "continue"],
+        default="instruct",
+        help="how the API is asked to continue a partial answer: instruct (any chat API: the start of the "
+        "answer is shown in the user turn), assistant (a final assistant message the API continues), "
+        "continue (that plus vLLM's continue_final_message)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port; 0 disables gRPC")
@@ -145,23 +183,10 @@ def main(args: argparse.Namespace) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from opd_teacher.backends.hf import HFBackend, HFLimits
     from opd_teacher.batcher import BatchLimits
     from opd_teacher.server import ServerConfig, serve
 
-    limits = HFLimits(
-        max_top_k=args.max_top_k,
-        max_tokens=args.max_tokens,
-        max_sequence_len=args.max_sequence_len,
-        max_batch_tokens=args.max_batch_tokens,
-        score_chunk_tokens=args.score_chunk_tokens,
-        prefix_reuse=args.prefix_reuse,
-        batch_invariant=args.batch_invariant,
-    )
-    loaders = {
-        alias: partial(HFBackend, alias, path, dtype=args.dtype, device=args.device, limits=limits)
-        for alias, path in parse_models(args.model, args.name).items()
-    }
+    loaders = blackbox_loaders(args) if args.backend == "openai" else hf_loaders(args)
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -175,3 +200,66 @@ def main(args: argparse.Namespace) -> None:
         ),
     )
     asyncio.run(serve(config, loaders))
+
+
+def hf_loaders(args: argparse.Namespace) -> dict:
+    from opd_teacher.backends.hf import HFBackend, HFLimits
+
+    limits = HFLimits(
+        max_top_k=args.max_top_k,
+        max_tokens=args.max_tokens,
+        max_sequence_len=args.max_sequence_len,
+        max_batch_tokens=args.max_batch_tokens,
+        score_chunk_tokens=args.score_chunk_tokens,
+        prefix_reuse=args.prefix_reuse,
+        batch_invariant=args.batch_invariant,
+    )
+    return {
+        alias: partial(HFBackend, alias, path, dtype=args.dtype, device=args.device, limits=limits)
+        for alias, path in parse_models(args.model, args.name).items()
+    }
+
+
+def blackbox_loaders(args: argparse.Namespace) -> dict:
+    """One black-box teacher from the --api-* flags; its key is read from the environment, never a flag."""
+    import os
+
+    from opd_client.retry import RetryPolicy
+    from opd_teacher.backends.blackbox import BlackBoxBackend
+    from opd_teacher.backends.openai_api import ApiLimits
+
+    if not args.api_base or not args.api_model:
+        raise SystemExit("error: --backend openai needs --api-base URL and --api-model NAME")
+    if args.model:
+        raise SystemExit("error: --model is for --backend hf; name an API teacher with --name")
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise SystemExit(f"error: --api-key-env {args.api_key_env}: that environment variable is not set")
+    for flag, value, low in (
+        ("--api-max-concurrency", args.api_max_concurrency, 1),
+        ("--api-max-attempts", args.api_max_attempts, 1),
+    ):
+        if value < low:
+            raise SystemExit(f"error: {flag} must be >= {low}; got {value}")
+    limits = ApiLimits(
+        max_concurrency=args.api_max_concurrency,
+        timeout_s=args.api_timeout,
+        retry=RetryPolicy(
+            max_attempts=args.api_max_attempts, initial_backoff_s=0.5, max_backoff_s=args.api_max_backoff
+        ),
+    )
+    name = args.name[0] if args.name else args.api_model
+    return {
+        name: partial(
+            BlackBoxBackend,
+            name,
+            args.api_base,
+            args.api_model,
+            api_key,
+            limits,
+            prefill=args.api_prefill,
+            max_request_tokens=args.max_sequence_len or 4096,
+        )
+    }

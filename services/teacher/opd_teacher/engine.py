@@ -8,6 +8,7 @@ forward already uses every core, and on GPU one stream at a time keeps memory pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +53,16 @@ class TeacherEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-forward")
         self.loaded = False
         self.draining = False
+        self.active = 0  # score / generate / chunk-score calls in progress: the drain waits for 0
         self._waiting_generations = 0
+
+    @contextlib.contextmanager
+    def _working(self):
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
 
     @property
     def ready(self) -> bool:
@@ -91,9 +101,19 @@ class TeacherEngine:
         With `ranks`, each sequence also carries token_rank_T (see backends.hf.RankedScores); such requests
         batch only with each other, so /v1/score batches never pay for the ranks.
         """
+        with self._working():
+            return await self._score(req, deadline, ranks)
+
+    async def _score(self, req: schema.ScoreRequest, deadline: float | None, ranks: bool) -> ScoreResult:
         started = time.perf_counter()
         backend = self.backend(req.model)
         name = backend.info.name
+        if backend.info.black_box:
+            raise InvalidRequest(
+                f"teacher {name!r} is black-box (an OpenAI-compatible chat API): it has no logprobs of given "
+                "tokens; score it with POST /v1/chunk-score (train with --loss chunk)",
+                field="model",
+            )
         items, top_k, temperature = validate_score_request(req, backend.info, backend.bos_token_id)
         forward = sum(it.forward_len for it in items)
         metrics.INFLIGHT.labels(name).inc()
@@ -125,10 +145,27 @@ class TeacherEngine:
         loop = asyncio.get_running_loop()
         self._waiting_generations += 1
         try:
-            return await loop.run_in_executor(self._executor, backend.generate, prompt_ids, params, cancel)
+            with self._working():
+                return await loop.run_in_executor(
+                    self._executor, backend.generate, prompt_ids, params, cancel
+                )
         finally:
             cancel.set()  # a no-op once it returned; stops the decode if we were cancelled
             self._waiting_generations -= 1
+
+    async def chunk_score(self, req: schema.ChunkScoreRequest) -> schema.ChunkScoreResponse:
+        """Black-box scoring (opd_teacher.chunk_scorer): the teacher's API is called, not the forward thread."""
+        from opd_teacher.chunk_scorer import chunk_score
+
+        backend = self.backend(req.model)
+        if not backend.info.black_box:
+            raise InvalidRequest(
+                f"teacher {backend.info.name!r} is white-box: score it with POST /v1/score; chunk scoring "
+                "needs a teacher served with --backend openai",
+                field="model",
+            )
+        with self._working():
+            return await chunk_score(backend, req)
 
     def tokenize(self, req: schema.TokenizeRequest) -> schema.TokenizeResponse:
         backend = self.backend(req.model)

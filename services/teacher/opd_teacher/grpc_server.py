@@ -88,6 +88,18 @@ class TeacherServicer(pb_grpc.TeacherServicer):
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         return await _unary("Score", context, lambda: self._score(request, context))
 
+    async def ChunkScore(
+        self, request: pb.ChunkScoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ChunkScoreResponse:
+        async def chunk_score() -> pb.ChunkScoreResponse:
+            try:
+                req = convert.chunk_request_from_proto(request)
+            except ValidationError as e:
+                raise validation_failed(e.errors()) from e
+            return convert.chunk_response_to_proto(await self.engine.chunk_score(req))
+
+        return await _unary("ChunkScore", context, chunk_score)
+
     async def ScoreStream(
         self, request_iterator: AsyncIterator[pb.ScoreStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ScoreStreamResponse]:

@@ -22,6 +22,7 @@ from opd_teacher.engine import TeacherEngine
 from opd_teacher.http.app import create_app
 
 log = logging.getLogger("opd_teacher")
+HTTP_FLUSH_S = 5.0  # after the drain: time for uvicorn to write the last responses and close
 
 
 @dataclass
@@ -51,7 +52,7 @@ async def serve(config: ServerConfig, loaders: dict[str, Callable[[], Backend]])
             port=config.port,
             log_level="warning",
             lifespan="off",
-            timeout_graceful_shutdown=config.drain_timeout_s,
+            timeout_graceful_shutdown=HTTP_FLUSH_S,
         )
     )
     grpc_server = None
@@ -87,17 +88,30 @@ async def serve(config: ServerConfig, loaders: dict[str, Callable[[], Backend]])
 
     log.info("draining: not ready, finishing in-flight requests (up to %.0f s)", config.drain_timeout_s)
     engine.draining = True
-    # Both faces drain at once, so the whole drain fits in one --drain-timeout (pods' grace period).
-    http.should_exit = True
-    draining = [http_task]
-    if grpc_server is not None:
-        draining.append(asyncio.create_task(grpc_server.stop(grace=config.drain_timeout_s)))
-    await asyncio.gather(*draining)
+    await _drain(engine, http, http_task, grpc_server, config.drain_timeout_s)
     load_task.cancel()
     await engine.close()
     log.info("stopped")
     if load_task.done() and not load_task.cancelled() and load_task.exception() is not None:
         raise SystemExit(f"error: {load_task.exception()}")
+
+
+async def _drain(engine: TeacherEngine, http: _Uvicorn, http_task, grpc_server, timeout_s: float) -> None:
+    """Finish the work in flight within timeout_s, then close both faces.
+
+    HTTP keeps listening meanwhile, so health checks answer 503 "draining" and new requests 503 with
+    Retry-After (clients fail over) instead of meeting a closed port; gRPC refuses new calls at once.
+    """
+    deadline = time.monotonic() + timeout_s
+    stopping = [http_task]
+    if grpc_server is not None:
+        stopping.append(asyncio.create_task(grpc_server.stop(grace=timeout_s)))
+    while engine.active and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if engine.active:
+        log.warning("drain timeout: %d requests still in flight are cut off", engine.active)
+    http.should_exit = True  # uvicorn flushes the last responses (HTTP_FLUSH_S at most)
+    await asyncio.gather(*stopping)
 
 
 async def _load(engine: TeacherEngine, loaders: dict[str, Callable[[], Backend]]) -> None:
@@ -121,7 +135,11 @@ async def _load(engine: TeacherEngine, loaders: dict[str, Callable[[], Backend]]
 
 
 def _warm_up(backend: Backend) -> None:
-    """One small forward, so the first real request does not pay for lazy initialisation."""
+    """One small forward, so the first real request does not pay for lazy initialisation (a black-box
+    backend instead checks that its API answers and loads its embedding model)."""
     from opd_teacher.backends.base import ScoreItem
 
+    if getattr(backend.info, "black_box", False):
+        backend.warm_up()
+        return
     backend.score([ScoreItem(context_ids=[0, 1], completion_ids=[2, 3])], top_k=1, temperature=1.0)

@@ -17,6 +17,7 @@ from opd_client.errors import InvalidRequest, OpdError, Unavailable
 from opd_teacher import metrics
 from opd_teacher.engine import TeacherEngine
 from opd_teacher.http.auth import BearerAuth
+from opd_teacher.http.chunk_score import chunk_score_router
 from opd_teacher.http.errors import ClientGone, install_error_handlers
 from opd_teacher.http.openai_compat import openai_router
 
@@ -179,6 +180,8 @@ def create_app(engine: TeacherEngine, api_keys: set[str] | None = None) -> FastA
 
     # /v1/completions, /v1/chat/completions, /health and /v2/health/*: OpenAI/vLLM/KServe clients as they are
     app.include_router(openai_router(engine, _until_disconnect, deadline_from))
+    # /v1/chunk-score: black-box teachers (an OpenAI-compatible API behind --backend openai)
+    app.include_router(chunk_score_router(engine, _until_disconnect))
 
     if api_keys:
         app.add_middleware(BearerAuth, api_keys=api_keys)

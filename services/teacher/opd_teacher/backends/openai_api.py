@@ -1,0 +1,287 @@
+"""A client of any OpenAI-compatible `POST /v1/chat/completions`: the black-box teacher's only channel.
+
+Bounded concurrency (a semaphore), a timeout per call, retries with backoff on 408/409/429/5xx, timeouts,
+dropped connections and unreadable answers, never sooner than the API's Retry-After (opd_client.retry). A
+Retry-After longer than the retry budget is not slept through here: it is passed on to our caller (429 +
+Retry-After), whose client or trainer waits it out. Every failure that outlives the retries becomes an
+OpdError whose message names the API, the status and what was wrong with the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import httpx
+
+from opd_client.errors import OpdError, Overloaded, Unavailable, UpstreamError
+from opd_client.retry import RetryPolicy, parse_retry_after
+from opd_teacher.chunks import TeacherToken
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_SNIPPET = 200
+# Statuses worth another try: the API is busy, restarting, or lost our request.
+_RETRY_STATUSES = {408, 409, 425, 429}
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    max_concurrency: int = 8  # calls in flight to the API at once
+    timeout_s: float = 60.0  # per call
+    retry: RetryPolicy = field(
+        default_factory=lambda: RetryPolicy(max_attempts=4, initial_backoff_s=0.5, max_backoff_s=30.0)
+    )
+    max_top_logprobs: int = 20  # what hosted APIs allow
+
+
+@dataclass
+class ApiChoice:
+    text: str
+    finish_reason: str | None
+    tokens: list[TeacherToken] | None  # with logprobs: one entry per generated token
+
+
+@dataclass
+class ApiUsage:
+    """What one chunk-score request cost at the API (summed over its calls)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retries: int = 0
+
+    def add(self, body: dict) -> None:
+        usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+        self.requests += 1
+        self.prompt_tokens += _int(usage.get("prompt_tokens"))
+        self.completion_tokens += _int(usage.get("completion_tokens"))
+
+
+class OpenAIChatAPI:
+    """POST {api_base}/chat/completions with retries; one instance per served black-box teacher."""
+
+    def __init__(self, api_base: str, api_model: str, api_key: str | None, limits: ApiLimits) -> None:
+        self.api_base = api_base.rstrip("/")
+        self.api_model = api_model
+        self.limits = limits
+        self.url = f"{self.api_base}/chat/completions"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._headers = headers
+        self._http = httpx.AsyncClient(headers=headers, timeout=limits.timeout_s)
+        self._slots: asyncio.Semaphore | None = None
+        # Whether the API honours n > 1 (llama-cpp-python, for one, answers a single choice): learned from
+        # the first answer, then n samples are asked for one call each where it does not.
+        self.honours_n: bool | None = None
+
+    async def complete(
+        self,
+        messages: list[dict],
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        usage: ApiUsage,
+        top_logprobs: int = 0,
+        extra_body: dict | None = None,
+    ) -> list[ApiChoice]:
+        """n choices for `messages` (several calls when the API answers fewer than asked)."""
+        body = {"model": self.api_model, "messages": messages, "max_tokens": max_tokens}
+        body["temperature"] = temperature
+        if top_logprobs:
+            body |= {"logprobs": True, "top_logprobs": min(top_logprobs, self.limits.max_top_logprobs)}
+        body |= extra_body or {}
+        if n == 1 or self.honours_n is False:
+            calls = [self._choices(body | {"n": 1} if n > 1 else body, usage) for _ in range(n)]
+            return [c for answer in await gather_or_cancel(*calls) for c in answer][:n]
+        choices = await self._choices(body | {"n": n}, usage)
+        if self.honours_n is None:
+            self.honours_n = len(choices) >= n
+        missing = n - len(choices)
+        if missing > 0:
+            more = await gather_or_cancel(*[self._choices(body | {"n": 1}, usage) for _ in range(missing)])
+            choices += [c for answer in more for c in answer]
+        return choices[:n]
+
+    def check(self) -> None:
+        """One tiny call (blocking, with the same retries): a wrong URL, key or model fails at start-up."""
+        body = {"model": self.api_model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        with httpx.Client(headers=self._headers, timeout=self.limits.timeout_s) as http:
+            for attempt in range(1, self.limits.retry.max_attempts + 1):
+                try:
+                    response = http.post(self.url, json=body)
+                    _parse_choices(self.url, response, 0)
+                    return
+                except (OpdError, httpx.TransportError) as e:
+                    delay = self._retry_delay(e, attempt)
+                    if delay is None:
+                        raise _final_error(self.url, e, attempt) from e
+                    log.warning("teacher API check failed (%s); retry in %.1f s", _describe(e), delay)
+                    time.sleep(delay)
+
+    async def _choices(self, body: dict, usage: ApiUsage) -> list[ApiChoice]:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.limits.max_concurrency)
+        for attempt in range(1, self.limits.retry.max_attempts + 1):
+            try:
+                async with self._slots:
+                    response = await self._http.post(self.url, json=body)
+                answer, raw = _parse_choices(self.url, response, body.get("top_logprobs", 0))
+                usage.add(raw)
+                return answer
+            except (OpdError, httpx.TransportError) as e:
+                delay = self._retry_delay(e, attempt)
+                if delay is None:
+                    raise _final_error(self.url, e, attempt) from e
+                usage.retries += 1
+                log.warning(
+                    "teacher API call failed (%s); retry %d/%d in %.1f s",
+                    _describe(e),
+                    attempt,
+                    self.limits.retry.max_attempts - 1,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _retry_delay(self, error: Exception, attempt: int) -> float | None:
+        """Seconds before the next try, or None to give up (not retryable, out of tries, or the API asked
+        for a longer pause than our budget: then the caller is told to come back later instead)."""
+        policy = self.limits.retry
+        if attempt >= policy.max_attempts:
+            return None
+        if isinstance(error, ApiAnswerError):
+            if not error.retryable:
+                return None
+            if error.retry_after is not None and error.retry_after > policy.max_backoff_s:
+                return None
+            return policy.delay(attempt, error.retry_after)
+        return policy.delay(attempt)  # timeouts and transport errors
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
+    """Like asyncio.gather, but the first failure cancels the others: a request that has failed must not
+    keep calling (and paying) the API in the background."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # let the cancelled ones close their calls
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()
+    return [task.result() for task in tasks]
+
+
+class ApiAnswerError(OpdError):
+    """One unusable answer from the API (internal to the retry loop; callers see _final_error's)."""
+
+    def __init__(self, message: str, status: int, retryable: bool, retry_after: float | None = None):
+        super().__init__(message, retry_after=retry_after)
+        self.status = status
+        self.retryable = retryable
+
+
+def _parse_choices(url: str, response: httpx.Response, top_logprobs: int) -> tuple[list[ApiChoice], dict]:
+    """(choices, JSON body) of a 200 answer; ApiAnswerError for an error status or an unreadable answer."""
+    status = response.status_code
+    if status != 200:
+        retryable = status in _RETRY_STATUSES or status >= 500
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        raise ApiAnswerError(f"HTTP {status}: {_snippet(response)!r}", status, retryable, retry_after)
+    try:
+        body = response.json()
+    except (ValueError, UnicodeDecodeError):
+        raise ApiAnswerError(
+            f"HTTP 200 but the body is not JSON: {_snippet(response)!r}", status, retryable=True
+        ) from None
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not isinstance(choices, list) or not choices:
+        raise ApiAnswerError(
+            f"HTTP 200 but the answer has no 'choices' list: {_snippet(response)!r}", status, retryable=True
+        )
+    return [_choice(c, i, top_logprobs, status) for i, c in enumerate(choices)], body
+
+
+def _choice(raw: object, i: int, top_logprobs: int, status: int) -> ApiChoice:
+    message = raw.get("message") if isinstance(raw, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        # content: null happens for tool calls and refusals; a chunk needs text, so say which field is off.
+        raise ApiAnswerError(
+            f"HTTP 200 but choices[{i}].message.content is {json.dumps(content)[:40]}, not a string",
+            status,
+            retryable=True,
+        )
+    tokens = None
+    if top_logprobs:
+        logprobs = raw.get("logprobs")
+        entries = logprobs.get("content") if isinstance(logprobs, dict) else None
+        if isinstance(entries, list):  # APIs without logprobs leave them out: verification uses the text
+            tokens = [_token(e) for e in entries if isinstance(e, dict) and isinstance(e.get("token"), str)]
+    return ApiChoice(content, raw.get("finish_reason"), tokens)
+
+
+def _token(entry: dict) -> TeacherToken:
+    logprob = entry.get("logprob")
+    logprob = float(logprob) if isinstance(logprob, int | float) else None
+    alternatives = {}
+    for alt in entry.get("top_logprobs") or []:
+        if (
+            isinstance(alt, dict)
+            and isinstance(alt.get("token"), str)
+            and isinstance(alt.get("logprob"), int | float)
+        ):
+            alternatives.setdefault(alt["token"], float(alt["logprob"]))
+    if logprob is not None:
+        alternatives.setdefault(entry["token"], logprob)
+    return TeacherToken(entry["token"], logprob, alternatives)
+
+
+def _final_error(url: str, error: Exception, attempts: int) -> OpdError:
+    tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
+    if isinstance(error, ApiAnswerError):
+        where = f"the teacher API at {url} answered {error.message}"
+        if error.status == 429:
+            return Overloaded(f"{where} (rate limited; {tries})", retry_after=error.retry_after or 5.0)
+        if error.status >= 500 or error.status in _RETRY_STATUSES:
+            return Unavailable(f"{where} ({tries})", retry_after=error.retry_after or 2.0)
+        if error.status in (401, 403):
+            return UpstreamError(f"{where}: the API refused our key; check --api-key-env")
+        return UpstreamError(f"{where} ({tries})")
+    if isinstance(error, httpx.TimeoutException):
+        return Unavailable(
+            f"the teacher API at {url} did not answer in time ({type(error).__name__}; {tries})",
+            retry_after=2.0,
+        )
+    if isinstance(error, httpx.TransportError):
+        return Unavailable(
+            f"cannot reach the teacher API at {url}: {_describe(error)} ({tries})", retry_after=2.0
+        )
+    return error if isinstance(error, OpdError) else UpstreamError(f"{url}: {error}")
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, OpdError):
+        return error.message
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _snippet(response: httpx.Response) -> str:
+    text = " ".join(response.text.split())
+    return text[:_SNIPPET] + ("..." if len(text) > _SNIPPET else "")
+
+
+def _int(value: object) -> int:
+    return int(value) if isinstance(value, int | float) else 0
