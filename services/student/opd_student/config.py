@@ -14,7 +14,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-LOSSES = ("reverse_kl", "topk_forward_kl", "student_topk_reverse_kl", "jsd")
+from opd_student.methods.checks import config_problems
+
+LOSSES = ("reverse_kl", "topk_forward_kl", "student_topk_reverse_kl", "jsd", "chunk")
+CHUNK_REWARDS = ("smoothed", "similarity", "edit_similarity")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,38 @@ class TrainConfig:
     jsd_beta: float = 0.5
     discount: float = 0.0  # reverse_kl: γ of the return-to-go advantage (0: per-token reward)
     gkd_lambda: float = 1.0  # probability a step uses on-policy rollouts; else `dataset` sequences
+    # --- loss = "chunk": a black-box teacher (opd serve-teacher --backend openai, POST /v1/chunk-score)
+    chunk_num: int = 4  # M chunks scored per completion
+    chunk_tokens: int = 8  # C student tokens per chunk
+    chunk_samples: int = 4  # N teacher samples per chunk
+    chunk_select: str = "entropy"  # entropy: chunks start where the student is least sure; even: spread out
+    chunk_reward: str = (
+        "smoothed"  # smoothed (k + α·prior)/(N + α) | similarity (mean cosine) | edit_similarity
+    )
+    chunk_baseline: bool = (
+        True  # subtract the step's mean chunk reward (chunks worse than average are pushed down)
+    )
+    chunk_threshold: float = 0.7  # embedding cosine at which a teacher sample matches the student's chunk
+    chunk_prior: float = 0.5
+    chunk_alpha: float = 1.0
+    chunk_teacher_temperature: float = 1.0
+    chunk_kl_coef: float = 0.1  # weight of KL(student ‖ initial student) on the tokens outside chunks
+    # --- methods (docs/methods.md); all off by default
+    horizon_ratio: float = 1.0  # TOPD ρ: rollouts stop after ⌊ρ·max_new_tokens⌋ tokens
+    horizon_start: int = 0  # POPD H0 (0: off): H_k = min(T, H0 + horizon_growth·⌊k / horizon_every⌋)
+    horizon_growth: int = 0  # POPD ΔH
+    horizon_every: int = 1  # POPD Δk
+    ta_opd: bool = False  # TA-OPD: the loss applies to the step's most teachable tokens only
+    ta_fraction: float = 0.05  # share of the step's tokens kept
+    ta_student_top_k: int = 10  # K_s: the student's candidate set in the teachability score
+    fire_opd: bool = False  # FiRe-OPD style: drop the worst rollouts, weight tokens by confidence
+    fire_drop_fraction: float = 0.2  # share of the step's rollouts dropped (lowest teacher mean logprob)
+    fire_reweight: bool = True  # weight tokens by teacher confidence · (1 − student confidence)
+    privileged_context: bool = True  # the teacher sees a prompt's teacher_messages instead of its prompt
+    loss_token_ids: str = ""  # token-restricted loss: only these ids ("12, 345" or a file of ids)
+    loss_regex: str = ""  # ... and/or tokens inside matches of this regex in the decoded completion
+    teacher_rules: str = ""  # "PATTERN => NAME; ...": route prompts to teachers by their text
+    local_teacher_models: str = ""  # --model specs of the teacher opd train starts (no teacher_url)
     # --- optimisation
     lr: float = 5e-5
     lr_schedule: str = "constant"  # constant | cosine
@@ -80,6 +115,14 @@ class TrainConfig:
             (0 <= self.discount <= 1, f"discount must be in [0, 1]; got {self.discount}"),
             (0 <= self.gkd_lambda <= 1, f"gkd_lambda must be in [0, 1]; got {self.gkd_lambda}"),
             (self.gkd_lambda == 1 or self.dataset, "gkd_lambda < 1 needs a dataset of fixed sequences"),
+            (self.loss != "chunk" or self.gkd_lambda == 1, "loss chunk is on-policy only (gkd_lambda = 1)"),
+            (self.chunk_num >= 1 and self.chunk_tokens >= 1, "chunk_num and chunk_tokens must be >= 1"),
+            (self.chunk_samples >= 1, f"chunk_samples must be >= 1; got {self.chunk_samples}"),
+            (self.chunk_select in ("entropy", "even"), "chunk_select must be entropy or even"),
+            (self.chunk_reward in CHUNK_REWARDS, f"chunk_reward must be one of {', '.join(CHUNK_REWARDS)}"),
+            (0 <= self.chunk_prior <= 1, f"chunk_prior must be in [0, 1]; got {self.chunk_prior}"),
+            (self.chunk_alpha >= 0, f"chunk_alpha must be >= 0; got {self.chunk_alpha}"),
+            (self.chunk_kl_coef >= 0, f"chunk_kl_coef must be >= 0; got {self.chunk_kl_coef}"),
             (self.max_staleness >= 0, f"max_staleness must be >= 0; got {self.max_staleness}"),
             (self.max_inflight_requests >= 1, "max_inflight_requests must be >= 1"),
             (self.micro_batch_size >= 1, f"micro_batch_size must be >= 1; got {self.micro_batch_size}"),
@@ -87,9 +130,9 @@ class TrainConfig:
             (self.bf16 in ("auto", "true", "false"), f"bf16 must be auto, true or false; got {self.bf16!r}"),
             (self.save_every >= 0 and self.eval_every >= 0, "save_every and eval_every must be >= 0"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"config: {message}")
+        problems = [message for ok, message in checks if not ok] + config_problems(self)
+        if problems:
+            raise ValueError(f"config: {problems[0]}")
 
     @property
     def rollouts_per_step(self) -> int:

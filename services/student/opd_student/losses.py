@@ -215,6 +215,41 @@ def generalized_jsd(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Black-box teacher: chunk rewards
+# ---------------------------------------------------------------------------------------------------------
+
+
+def chunk_weighted_nll(student_logprobs_B_T: Tensor, weights_B_T: Tensor, chunk_mask_B_T: Tensor) -> Tensor:
+    """Per-token −w_t · log q(x_t) on the tokens of scored chunks (q = student, weights detached).
+
+    w_t is the reward of the chunk holding token t (less a baseline), the same for all of its tokens: a
+    chunk-level REINFORCE / reward-weighted likelihood. Logit-free on-policy distillation rewards a chunk
+    by how often the teacher, continuing the same prefix, says something alike; there is no per-token
+    teacher signal. Tokens outside chunks get 0 here (see `reverse_kl_to_reference`).
+    """
+    valid_B_T = chunk_mask_B_T > 0
+    dtype = _compute_dtype(student_logprobs_B_T)
+    log_q_B_T = _clean(student_logprobs_B_T, valid_B_T, dtype)
+    w_B_T = torch.where(valid_B_T, weights_B_T.detach().to(dtype), 0.0)
+    return _masked(-w_B_T * log_q_B_T, chunk_mask_B_T)
+
+
+def reverse_kl_to_reference(
+    student_logprobs_B_T_V: Tensor, reference_logprobs_B_T_V: Tensor, mask_B_T: Tensor
+) -> Tensor:
+    """Per-token exact KL(q‖r) = Σ_v q_v (log q_v − log r_v) over the whole vocabulary.
+
+    q = the student being trained, r = a frozen reference (the initial student): a trust region that keeps
+    the tokens no teacher signal reaches from drifting. Gradient flows through q only.
+    """
+    valid_B_T = mask_B_T > 0
+    dtype = _compute_dtype(student_logprobs_B_T_V)
+    log_q_B_T_V = _clean(student_logprobs_B_T_V, valid_B_T[..., None], dtype)
+    log_r_B_T_V = _clean(reference_logprobs_B_T_V.detach(), valid_B_T[..., None], dtype)
+    return _masked(_bucket_kl(log_q_B_T_V, log_r_B_T_V), mask_B_T)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------
 

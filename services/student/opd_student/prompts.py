@@ -3,8 +3,10 @@
 A prompt file has one JSON object a line (see DESIGN.md, CLI):
 `{"messages": [{"role": "user", "content": "..."}]}` or `{"prompt": "plain text"}`, with optional
 `"teacher_messages"` (privileged context the teacher sees instead of the student's prompt), `"teacher"`
-(which served teacher scores it) and `"id"`. The names "default-train" and "default-heldout" load the small
-set shipped in this package.
+(which served teacher scores it), `"loss_spans"` (character ranges of the completion the loss is restricted
+to, docs/methods.md) and `"id"`. The names "default-train" and "default-heldout" load the small set shipped
+in this package; "default-privileged" is a part of default-train with reference answers in
+`teacher_messages`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from typing import Any
 
 import numpy as np
 
-SHIPPED = {"default-train": "prompts_train.jsonl", "default-heldout": "prompts_heldout.jsonl"}
-ALLOWED_KEYS = ("id", "messages", "prompt", "teacher_messages", "teacher")
+SHIPPED = {
+    "default-train": "prompts_train.jsonl",
+    "default-heldout": "prompts_heldout.jsonl",
+    "default-privileged": "prompts_privileged.jsonl",
+}
+ALLOWED_KEYS = ("id", "messages", "prompt", "teacher_messages", "teacher", "loss_spans")
 
 
 class PromptFileError(ValueError):
@@ -39,6 +45,7 @@ class Prompt:
     prompt: str | None = None
     teacher_messages: list[dict] | None = None
     teacher: str | None = None
+    loss_spans: list[list[int]] | None = None  # [start, end) character ranges of the completion
 
 
 def load_prompts(path_or_name: str | Path) -> list[Prompt]:
@@ -104,7 +111,23 @@ def _parse_line(line: str, source: str, line_no: int) -> Prompt:
         prompt=row.get("prompt"),
         teacher_messages=teacher_messages,
         teacher=row.get("teacher"),
+        loss_spans=_check_spans(row.get("loss_spans"), fail),
     )
+
+
+def _check_spans(value: Any, fail) -> list[list[int]] | None:
+    if value is None:
+        return None
+    ok = isinstance(value, list) and all(
+        isinstance(span, list)
+        and len(span) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+        and 0 <= span[0] < span[1]
+        for span in value
+    )
+    if not ok:
+        raise fail("loss_spans", "must be a list of [start, end] character offsets with 0 <= start < end")
+    return value
 
 
 def _check_messages(value: Any, field: str, fail) -> list[dict] | None:

@@ -17,6 +17,7 @@ class Rollout:
     teacher: str | None = None  # teacher name on the service
     prompt_id: str = ""
     on_policy: bool = True  # False: a fixed dataset sequence (GKD mixing)
+    loss_spans: list[list[int]] | None = None  # [start, end) characters of the completion the loss may use
 
 
 @torch.inference_mode()

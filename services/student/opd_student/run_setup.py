@@ -5,6 +5,7 @@ Kept apart from the loop so train.py reads as the loop and nothing else.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import secrets
@@ -17,7 +18,8 @@ from opd_client.launch import LocalTeacher, start_teacher
 from opd_student.checkpoint import latest_checkpoint
 from opd_student.config import TrainConfig
 from opd_student.make_student import resolve_student
-from opd_student.prompts import Prompt, parse_prompts, render
+from opd_student.methods.options import MethodOptions
+from opd_student.prompts import parse_prompts, render
 from opd_student.rollouts import Rollout
 from opd_student.student_model import load_student, pick_device, save_final, use_bf16
 from opd_student.teacher_link import TeacherLink
@@ -34,15 +36,14 @@ class RunContext:
     device: torch.device
     bf16: bool
     local_teacher: LocalTeacher | None = None
+    methods: MethodOptions | None = None  # the options of docs/methods.md, parsed
+    reference: torch.nn.Module | None = None  # loss chunk: the initial student, frozen (KL outside chunks)
     say_hook: object = None
     _dataset: list = field(default_factory=list)
     _dataset_pos: int = 0
 
     def say(self, message: str) -> None:
         (self.say_hook or print)(message)
-
-    def teacher_prefix(self, prompt: Prompt) -> list[int] | None:
-        return render(prompt, self.tokenizer, for_teacher=True) if prompt.teacher_messages else None
 
     def dataset_rollouts(self, n: int) -> list[Rollout]:
         """The next n fixed sequences (GKD's off-policy share), cycling through the dataset."""
@@ -80,15 +81,23 @@ def setup_run(cfg: TrainConfig, resume: bool) -> RunContext:
         tokenizer.pad_token_id = tokenizer.eos_token_id
 
     local_teacher, url, api_key = None, cfg.teacher_url, os.environ.get(cfg.teacher_api_key_env)
+    if url is None and cfg.loss == "chunk":
+        raise SystemExit(
+            "error: --loss chunk trains against a black-box teacher: start one with `opd serve-teacher "
+            "--backend openai --api-base URL --api-model NAME` and pass its --teacher-url"
+        )
     if url is None:
         api_key = secrets.token_urlsafe(16)
-        print("starting a local teacher service (opd serve-teacher, embedded default teacher)...", flush=True)
-        local_teacher = start_teacher(run_dir, api_key=api_key)
+        models = [m.strip() for m in cfg.local_teacher_models.split(",") if m.strip()] or None
+        serving = ", ".join(models) if models else "embedded default teacher"
+        print(f"starting a local teacher service (opd serve-teacher, {serving})...", flush=True)
+        local_teacher = start_teacher(run_dir, models, api_key=api_key)
         url = local_teacher.http_url
         print(f"teacher ready at {url}; log: {local_teacher.log_path}", flush=True)
     link = TeacherLink(url, api_key, cfg.teacher_timeout_s, cfg.max_inflight_requests, cfg.teacher_wait_s)
     try:
         info = link.check(tokenizer, cfg.teacher_model)
+        _check_teacher_kind(cfg, info, url)
     except BaseException:
         link.close()
         if local_teacher is not None:
@@ -96,6 +105,10 @@ def setup_run(cfg: TrainConfig, resume: bool) -> RunContext:
         raise
     ctx = RunContext(cfg, run_dir, model, lm, tokenizer, link, device, use_bf16(cfg, device), local_teacher)
     ctx.link.on_wait = lambda message: ctx.say(message)
+    ctx.methods = MethodOptions(cfg)
+    if cfg.loss == "chunk" and cfg.chunk_kl_coef > 0:
+        # Copied before any checkpoint is loaded: the reference stays the student the run started from.
+        ctx.reference = copy.deepcopy(lm).eval().requires_grad_(False)
     if cfg.dataset:
         ctx._dataset = _load_dataset(Path(cfg.dataset), tokenizer)
     print(
@@ -104,6 +117,20 @@ def setup_run(cfg: TrainConfig, resume: bool) -> RunContext:
         flush=True,
     )
     return ctx
+
+
+def _check_teacher_kind(cfg: TrainConfig, info, url: str) -> None:
+    """A black-box (API) teacher only answers chunk scoring, and chunk scoring needs one."""
+    if info.black_box and cfg.loss != "chunk":
+        raise SystemExit(
+            f"error: teacher {info.name!r} at {url} is black-box ({info.source}): it has no logprobs for "
+            f"--loss {cfg.loss}; use --loss chunk"
+        )
+    if cfg.loss == "chunk" and not info.black_box:
+        raise SystemExit(
+            f"error: --loss chunk needs a black-box teacher (opd serve-teacher --backend openai); "
+            f"teacher {info.name!r} at {url} is white-box: use a logprob loss such as reverse_kl"
+        )
 
 
 def _load_dataset(path: Path, tokenizer) -> list[Rollout]:
@@ -128,7 +155,9 @@ def _load_dataset(path: Path, tokenizer) -> list[Rollout]:
     out = []
     for prompt, completion in zip(prompts, completions, strict=True):
         ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        out.append(Rollout(render(prompt, tokenizer), ids, None, prompt.teacher, prompt.id, on_policy=False))
+        out.append(
+            Rollout(render(prompt, tokenizer), ids, None, prompt.teacher, prompt.id, False, prompt.loss_spans)
+        )
     if not out:
         raise SystemExit(f"error: dataset {path} is empty")
     return out

@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from opd_client.errors import InvalidRequest, NotFound, OpdError, Unauthenticated
 from opd_client.http_client import HttpTeacherClient
 from opd_client.retry import RetryPolicy
-from opd_client.schema import ModelInfo
+from opd_client.schema import ChunkScoreRequest, ChunkScoreResponse, ModelInfo
 from opd_client.scores import SequenceScores
 from opd_client.tokenizer_hash import tokenizer_sha256
 from opd_student.rollouts import Rollout
@@ -64,6 +64,8 @@ class TeacherLink:
                 f"error: the teacher service at {self.url} has no model {teacher_model!r}; "
                 f"it serves {', '.join(by_name)}"
             )
+        if info.black_box:
+            return info  # the API teacher takes text: its tokenizer is its own business
         mine = tokenizer_sha256(tokenizer)
         if info.tokenizer_sha256 != mine:
             raise SystemExit(
@@ -102,11 +104,31 @@ class TeacherLink:
         result = self.client.score(sequences, top_k=top_k, score_ids=ids, model=name)
         return idx, result.sequences
 
+    def submit_chunks(self, requests: list[ChunkScoreRequest], only: list[int] | None = None) -> list[Future]:
+        """One black-box chunk-score request per rollout (at `only`, default all); futures resolve to
+        ([index], [ChunkScoreResponse])."""
+        return [
+            self._pool.submit(lambda i: ([i], [self.client.chunk_score(requests[i])]), i)
+            for i in (range(len(requests)) if only is None else only)
+        ]
+
+    def collect_chunks(
+        self, requests: list[ChunkScoreRequest], futures: list[Future]
+    ) -> list[ChunkScoreResponse]:
+        """Chunk scores for every request, waiting out teacher (or teacher API) outages like collect()."""
+        return self._collect(len(requests), futures, lambda missing: self.submit_chunks(requests, missing))
+
     def collect(
         self, rollouts: list[Rollout], futures: list[Future], top_k: int, score_ids: list | None = None
     ) -> list[SequenceScores]:
         """Scores for every rollout, waiting out teacher outages for up to wait_s."""
-        out: list[SequenceScores | None] = [None] * len(rollouts)
+        return self._collect(
+            len(rollouts), futures, lambda missing: self.submit(rollouts, top_k, score_ids, only=missing)
+        )
+
+    def _collect(self, n: int, futures: list[Future], resubmit) -> list:
+        """The n results of futures; on failure, wait (backoff) and resubmit the missing indices."""
+        out: list = [None] * n
         started, delay = time.monotonic(), 1.0
         while True:
             failed = None
@@ -128,14 +150,16 @@ class TeacherLink:
                     f"the teacher at {self.url} has been unreachable for {waited:.0f} s "
                     f"(teacher_wait_s = {self.wait_s:.0f}): {failed}"
                 )
+            # Never sooner than the service asked (Retry-After, e.g. a rate-limited teacher API).
+            pause = max(delay, getattr(failed, "retry_after", None) or 0.0)
             self.on_wait(
-                f"teacher unreachable ({_short(failed)}); retrying in {delay:.0f} s "
+                f"teacher unreachable ({_short(failed)}); retrying in {pause:.0f} s "
                 f"(waited {waited:.0f} s of {self.wait_s:.0f} s)"
             )
-            time.sleep(delay)
+            time.sleep(pause)
             delay = min(delay * 2, 30.0)
             missing = [i for i, s in enumerate(out) if s is None]
-            futures = self.submit(rollouts, top_k, score_ids, only=missing)
+            futures = resubmit(missing)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from opd_student import losses
+from opd_student import chunk_train, losses
 from opd_student.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from opd_student.config import TrainConfig
 from opd_student.eval import evaluate
+from opd_student.methods.teacher_metrics import TeacherMetrics
 from opd_student.metrics_log import MetricsLog
 from opd_student.prompts import PromptStream, load_prompts, render
 from opd_student.rollouts import Rollout, pack, sample_completions, student_logprobs, teacher_tensors
@@ -34,7 +35,9 @@ class Batch:
     rollouts: list[Rollout]
     futures: list
     data_state: dict  # prompt-stream position before this batch was drawn (resume restarts here)
+    horizon: int  # the most completion tokens a rollout may have (TOPD / POPD; else max_new_tokens)
     score_ids: list | None = None  # the student's own top-k ids per position (student_topk_reverse_kl)
+    chunk_requests: list | None = None  # loss chunk: one black-box chunk-score request per rollout
 
 
 @contextmanager
@@ -61,6 +64,7 @@ def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     stream = PromptStream(load_prompts(cfg.prompts), seed=cfg.seed)
     eval_prompts = load_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
+    ctx.methods.check_teachers(link, tokenizer, stream.prompts)  # every teacher routed to exists
     metrics_log = MetricsLog(ctx.run_dir)
     mix_rng = random.Random(cfg.seed)
 
@@ -78,6 +82,14 @@ def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
         random.seed(cfg.seed)
 
     def run_eval(at_step: int) -> None:
+        if cfg.loss == "chunk":  # a black-box teacher has no logprobs: held-out chunk reward instead of KL
+            result = chunk_train.chunk_evaluate(lm, tokenizer, link, eval_prompts, cfg, seed=cfg.seed + 1234)
+            metrics_log.log({"step": at_step, "eval": True, **result})
+            ctx.say(
+                f"eval at step {at_step}: chunk reward {result['eval/chunk_reward']:.4f}, similarity "
+                f"{result['eval/chunk_similarity']:.4f}, accepted {result['eval/chunk_accept_rate']:.3f}"
+            )
+            return
         result = evaluate(
             lm,
             tokenizer,
@@ -120,12 +132,22 @@ def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
         # Sample up to max_staleness batches ahead: the teacher scores them while this step trains.
         while len(pending) < min(cfg.max_staleness + 1, cfg.steps - step):
             with timed("sample", metrics):
-                pending.append(_next_batch(cfg, ctx, stream, mix_rng))
+                pending.append(_next_batch(cfg, ctx, stream, mix_rng, step + len(pending)))
         batch = pending.popleft()
         with timed("score_wait", metrics):
-            scores = link.collect(batch.rollouts, batch.futures, cfg.top_k, batch.score_ids)
+            if batch.chunk_requests is not None:
+                scores = link.collect_chunks(batch.chunk_requests, batch.futures)
+            else:
+                scores = link.collect(batch.rollouts, batch.futures, cfg.top_k, batch.score_ids)
         with timed("train", metrics):
-            metrics.update(_optimizer_step(cfg, ctx, optimizer, scheduler, batch, scores))
+            if batch.chunk_requests is not None:
+                step_metrics = chunk_train.chunk_optimizer_step(
+                    cfg, ctx, optimizer, scheduler, batch.rollouts, scores
+                )
+            else:
+                step_metrics = _optimizer_step(cfg, ctx, optimizer, scheduler, batch, scores)
+            metrics.update(step_metrics)
+        metrics.update(ctx.methods.generation_metrics(batch.rollouts, batch.horizon))
         step += 1
         tokens = metrics["tokens"]
         metrics.update(
@@ -138,9 +160,9 @@ def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
         )
         metrics_log.log(metrics)
         bar.update(1)
+        signal = ("reward", "chunk/reward") if cfg.loss == "chunk" else ("kl", "kl/sampled_reverse")
         bar.set_postfix(
-            loss=f"{metrics['loss']:.4f}",
-            kl=f"{metrics['kl/sampled_reverse']:.3f}",
+            {"loss": f"{metrics['loss']:.4f}", signal[0]: f"{metrics[signal[1]]:.3f}"},
             tok_s=f"{metrics['tokens_per_s']:.0f}",
         )
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
@@ -156,8 +178,12 @@ def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
     ctx.save_final()
 
 
-def _next_batch(cfg: TrainConfig, ctx: RunContext, stream: PromptStream, mix_rng: random.Random) -> Batch:
-    """Sample rollouts (or take dataset sequences, GKD's 1 − λ) and send them to the teacher."""
+def _next_batch(
+    cfg: TrainConfig, ctx: RunContext, stream: PromptStream, mix_rng: random.Random, index: int
+) -> Batch:
+    """Sample the rollouts of the step with 0-based index `index` (or take dataset sequences, GKD's
+    1 − λ), up to its horizon, and send them to the teacher."""
+    horizon = ctx.methods.horizon(index)  # generation stops there (TOPD / POPD)
     data_state = stream.state_dict()
     on_policy = losses.gkd_mix(mix_rng, cfg.gkd_lambda)  # one draw per step whatever λ: same RNG stream
     if on_policy:
@@ -168,21 +194,26 @@ def _next_batch(cfg: TrainConfig, ctx: RunContext, stream: PromptStream, mix_rng
             ctx.lm,
             prompt_ids,
             cfg.samples_per_prompt,
-            cfg.max_new_tokens,
+            horizon,
             cfg.temperature,
             ctx.tokenizer.eos_token_id,
             ctx.tokenizer.pad_token_id,
         )
-        rollouts = [
-            Rollout(ids, c, ctx.teacher_prefix(p), p.teacher or cfg.teacher_model, p.id)
-            for p, ids, group in zip(prompts, prompt_ids, completions_P_G, strict=True)
-            for c in group
-        ]
+        rollouts = ctx.methods.rollouts(prompts, prompt_ids, completions_P_G, ctx.tokenizer)
     else:
-        rollouts = ctx.dataset_rollouts(cfg.rollouts_per_step)
+        rollouts = ctx.methods.cut(ctx.dataset_rollouts(cfg.rollouts_per_step), horizon)
+    if cfg.loss == "chunk":  # black-box teacher: chunk-score requests instead of token scores
+        entropies = None
+        if cfg.chunk_select == "entropy":
+            entropies = chunk_train.student_entropies(
+                ctx.lm, rollouts, ctx.tokenizer.pad_token_id, cfg.micro_batch_size, ctx.bf16
+            )
+        prompts_R = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+        requests = chunk_train.chunk_requests(cfg, ctx.tokenizer, prompts_R, rollouts, entropies)
+        return Batch(rollouts, ctx.link.submit_chunks(requests), data_state, horizon, chunk_requests=requests)
     score_ids = _student_top_ids(cfg, ctx, rollouts) if cfg.loss == "student_topk_reverse_kl" else None
     futures = ctx.link.submit(rollouts, cfg.top_k, score_ids)
-    return Batch(rollouts, futures, data_state, score_ids)
+    return Batch(rollouts, futures, data_state, horizon, score_ids)
 
 
 @torch.no_grad()
@@ -199,8 +230,11 @@ def _student_top_ids(cfg: TrainConfig, ctx: RunContext, rollouts: list[Rollout])
 
 
 def _optimizer_step(cfg: TrainConfig, ctx: RunContext, optimizer, scheduler, batch: Batch, scores) -> dict:
-    """Gradient accumulation over micro-batches, normalised by the step's total completion tokens."""
+    """Gradient accumulation over micro-batches, normalised by the step's total completion tokens (or,
+    with token weights from the methods, by their sum: methods/step_weights.py)."""
     rollouts = batch.rollouts
+    weights = ctx.methods.step_weights(ctx, rollouts, scores)
+    per_teacher = TeacherMetrics() if ctx.methods.several_teachers else None
     total_tokens = sum(len(r.completion_ids) for r in rollouts)
     loss_sum = kl_sum = teacher_lp_sum = 0.0
     optimizer.zero_grad(set_to_none=True)
@@ -218,22 +252,25 @@ def _optimizer_step(cfg: TrainConfig, ctx: RunContext, optimizer, scheduler, bat
         logprobs_B_T_V = logprobs_B_T_V.cpu() if logprobs_B_T_V.device.type != "cpu" else logprobs_B_T_V
         q_tok_B_T = logprobs_B_T_V.gather(-1, mb.targets_B_T[..., None])[..., 0]
         per_token_B_T = _loss(cfg, logprobs_B_T_V, q_tok_B_T, teacher, mb.mask_B_T, score_ids)
+        weights_B_T = weights.micro_batch(list(idx), logprobs_B_T_V, teacher, mb.mask_B_T)
+        if weights_B_T is not None:
+            per_token_B_T = per_token_B_T * weights_B_T
         losses.token_mean(per_token_B_T, total_tokens).backward()
         loss_sum += per_token_B_T.sum().item()
-        kl_sum += (
-            losses.sampled_reverse_kl(q_tok_B_T.detach(), teacher.token_logprobs_B_T, mb.mask_B_T)
-            .sum()
-            .item()
-        )
+        kl_B_T = losses.sampled_reverse_kl(q_tok_B_T.detach(), teacher.token_logprobs_B_T, mb.mask_B_T)
+        kl_sum += kl_B_T.sum().item()
+        if per_teacher is not None:
+            per_teacher.add(
+                [rollouts[i].teacher for i in idx], kl_B_T, teacher.token_logprobs_B_T, mb.mask_B_T
+            )
         teacher_lp_sum += (teacher.token_logprobs_B_T * mb.mask_B_T).sum().item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        [p for p in ctx.model.parameters() if p.requires_grad],
-        cfg.grad_clip if cfg.grad_clip > 0 else math.inf,
-    )
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    weights.rescale_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     optimizer.step()
     scheduler.step()
     return {
-        "loss": loss_sum / total_tokens,
+        "loss": loss_sum / weights.loss_denominator(),
         "kl/sampled_reverse": kl_sum / total_tokens,
         "teacher/logprob": teacher_lp_sum / total_tokens,
         "tokens": total_tokens,
@@ -241,6 +278,8 @@ def _optimizer_step(cfg: TrainConfig, ctx: RunContext, optimizer, scheduler, bat
         "on_policy": int(rollouts[0].on_policy),
         "grad_norm": float(grad_norm),
         "completion_len": total_tokens / len(rollouts),
+        **weights.metrics(),
+        **(per_teacher.record() if per_teacher is not None else {}),
     }
 
 

@@ -1,0 +1,141 @@
+"""One weight per completion token of an optimizer step: the glue between the methods and the trainer.
+
+    w_t = [rollout kept (FiRe filter)] · [token matched (mask rules)] · [among the most teachable (TA-OPD)]
+          · (c^T_t · (1 − c^S_t) if FiRe reweighting)
+
+and the step's loss is the weighted mean Σ_t w_t ℓ_t / Σ_t w_t (for 0/1 weights: the mean over the
+selected tokens, so keeping 5% of the tokens does not shrink the update 20-fold). The trainer backpropagates
+Σ w ℓ / N (N = the step's completion tokens) micro-batch by micro-batch, as without weights, and
+`rescale_gradients` multiplies the accumulated gradient by N / Σ w before clipping: Σ w is known only
+after the last micro-batch when the weights depend on the student (FiRe), and gradients are linear in the
+loss, so this gives exactly the gradient of the weighted mean.
+
+With no method on, `active` is False and the trainer's arithmetic is untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from opd_client.scores import SequenceScores
+from opd_student.methods.filtering import confidence_weights, rollout_keep_mask, teacher_mean_logprobs
+from opd_student.methods.teachability import teachability, top_fraction
+from opd_student.methods.token_mask import TokenMaskRule
+from opd_student.rollouts import Rollout, TeacherTensors, pack, student_logprobs, teacher_tensors
+
+
+class StepWeights:
+    def __init__(
+        self,
+        cfg,
+        rollouts: list[Rollout],
+        scores: list[SequenceScores],
+        tokenizer,
+        mask_rule: TokenMaskRule,
+    ) -> None:
+        self.cfg = cfg
+        self.rollouts = rollouts
+        spans_given = any(r.loss_spans for r in rollouts)
+        self.restricts = mask_rule.is_global or spans_given
+        self.fire = cfg.fire_opd
+        self.active = self.restricts or self.fire or cfg.ta_opd
+        self.total_tokens = sum(len(r.completion_ids) for r in rollouts)
+        self.weight_sum = 0.0
+        self.tokens_in_loss = 0
+        self.dropped_rollouts = 0
+        self.teachability_all = self.teachability_chosen = float("nan")
+        # Weights that do not depend on the student: 1.0 / 0.0 per completion token of each rollout.
+        self.static_N_T = [torch.ones(len(r.completion_ids)) for r in rollouts]
+        if self.restricts:
+            for i, r in enumerate(rollouts):
+                keep = mask_rule.mask(r.completion_ids, tokenizer, r.loss_spans)
+                if keep is not None:
+                    self.static_N_T[i] *= torch.tensor(keep, dtype=torch.float32)
+        if self.fire and cfg.fire_drop_fraction > 0:
+            means_N = teacher_mean_logprobs([torch.from_numpy(s.token_logprobs_T) for s in scores])
+            keep_N = rollout_keep_mask(means_N, cfg.fire_drop_fraction)
+            self.dropped_rollouts = int((~keep_N).sum())
+            for i in torch.nonzero(~keep_N).flatten().tolist():
+                self.static_N_T[i].zero_()
+
+    def select_teachable(self, teachability_N_T: list[Tensor]) -> None:
+        """TA-OPD: keep the top `ta_fraction` of the still-eligible tokens of the step by teachability."""
+        scores = torch.cat(teachability_N_T)
+        eligible = torch.cat(self.static_N_T) > 0
+        chosen = top_fraction(scores, eligible, self.cfg.ta_fraction)
+        if eligible.any():
+            self.teachability_all = float(scores[eligible].mean())
+            self.teachability_chosen = float(scores[chosen].mean())
+        for i, part in enumerate(chosen.split([len(s) for s in self.static_N_T])):
+            self.static_N_T[i] *= part.float()
+
+    def micro_batch(
+        self, idx: list[int], logprobs_B_T_V: Tensor, teacher: TeacherTensors, mask_B_T: Tensor
+    ) -> Tensor | None:
+        """w_B_T for the rollouts at idx (None when no method is on: the loss stays unweighted)."""
+        if not self.active:
+            return None
+        weights_B_T = torch.zeros_like(mask_B_T, dtype=torch.float32)
+        for b, i in enumerate(idx):
+            weights_B_T[b, : len(self.static_N_T[i])] = self.static_N_T[i]
+        if self.fire and self.cfg.fire_reweight:
+            weights_B_T = weights_B_T * confidence_weights(
+                logprobs_B_T_V, teacher.top_ids_B_T_K, teacher.top_logprobs_B_T_K, mask_B_T
+            )
+        self.weight_sum += float(weights_B_T.sum())
+        self.tokens_in_loss += int((weights_B_T > 0).sum())
+        return weights_B_T
+
+    def rescale_gradients(self, params) -> None:
+        """Turn the accumulated gradient of Σ w ℓ / N into that of Σ w ℓ / Σ w (module docstring)."""
+        if not self.active or self.weight_sum <= 0:
+            return
+        factor = self.total_tokens / self.weight_sum
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(factor)
+
+    def loss_denominator(self) -> float:
+        """What the logged loss (Σ w ℓ) is divided by: Σ w, or the token count without methods."""
+        return self.weight_sum if self.active and self.weight_sum > 0 else max(1, self.total_tokens)
+
+    def metrics(self) -> dict[str, float]:
+        if not self.active:
+            return {}
+        out = {
+            "select/token_fraction": self.tokens_in_loss / max(1, self.total_tokens),
+            "select/tokens": self.tokens_in_loss,
+        }
+        if self.fire:
+            out["select/rollouts_dropped"] = self.dropped_rollouts
+            out["select/weight_mean"] = self.weight_sum / max(1, self.tokens_in_loss)
+        if self.cfg.ta_opd:
+            out["select/teachability_mean"] = self.teachability_all
+            out["select/teachability_chosen_mean"] = self.teachability_chosen
+        return out
+
+
+@torch.no_grad()
+def teachability_pass(
+    cfg, lm, pad_token_id: int, rollouts: list[Rollout], scores: list[SequenceScores], bf16: bool
+) -> list[Tensor]:
+    """τ per completion token of every rollout, from a no-grad forward of the student (TA-OPD needs the
+    whole step's scores before the first backward: the top fraction is taken over the step)."""
+    out: list[Tensor] = []
+    for start in range(0, len(rollouts), cfg.micro_batch_size):
+        chunk = rollouts[start : start + cfg.micro_batch_size]
+        batch = pack(chunk, pad_token_id)
+        teacher = teacher_tensors(scores[start : start + len(chunk)], batch.mask_B_T.shape[1])
+        with torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logprobs_B_T_V = student_logprobs(lm, batch)
+        tau_B_T = teachability(
+            logprobs_B_T_V.float().cpu(),
+            teacher.top_ids_B_T_K,
+            teacher.top_logprobs_B_T_K,
+            teacher.tail_logprob_B_T,
+            batch.mask_B_T,
+            cfg.ta_student_top_k,
+        )
+        out += [tau_B_T[b, : len(r.completion_ids)] for b, r in enumerate(chunk)]
+    return out
