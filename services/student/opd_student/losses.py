@@ -227,11 +227,8 @@ def chunk_weighted_nll(student_logprobs_B_T: Tensor, weights_B_T: Tensor, chunk_
     by how often the teacher, continuing the same prefix, says something alike; there is no per-token
     teacher signal. Tokens outside chunks get 0 here (see `reverse_kl_to_reference`).
     """
-    valid_B_T = chunk_mask_B_T > 0
-    dtype = _compute_dtype(student_logprobs_B_T)
-    log_q_B_T = _clean(student_logprobs_B_T, valid_B_T, dtype)
-    w_B_T = torch.where(valid_B_T, weights_B_T.detach().to(dtype), 0.0)
-    return _masked(-w_B_T * log_q_B_T, chunk_mask_B_T)
+    # The same estimator as the per-token policy gradient, with the chunk reward as the advantage.
+    return policy_gradient_loss(student_logprobs_B_T, weights_B_T, chunk_mask_B_T)
 
 
 def reverse_kl_to_reference(
