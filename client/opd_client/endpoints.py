@@ -42,14 +42,17 @@ class Endpoints:
         resolve: bool = True,
         cooldown_s: float = DEFAULT_COOLDOWN_S,
         refresh_s: float = DEFAULT_REFRESH_S,
+        first: int = 0,
     ) -> None:
+        """first: where the rotation starts (a trainer rank passes its rank, so N ranks begin on N
+        different replicas instead of all on the first)."""
         self.configured = split_urls(urls)
         self.resolve = resolve
         self.cooldown_s = cooldown_s
         self.refresh_s = refresh_s
         self._lock = threading.Lock()
         self._down_until: dict[str, float] = {}
-        self._next = 0
+        self._next = first
         self._replicas: list[str] = []
         self._resolved_at = -float("inf")
 
@@ -70,7 +73,7 @@ class Endpoints:
             now = time.monotonic()
             n = len(self._replicas)
             for step in range(n):
-                url = self._replicas[(self._next + step) % n]
+                url = self._replicas[(self._next + step) % n]  # _next may exceed n (first)
                 if self._down_until.get(url, 0.0) <= now:
                     self._next = (self._next + step + 1) % n
                     return url

@@ -245,10 +245,12 @@ class HttpTeacherClient:
         api_key: str | None = None,
         timeout: float = 60.0,
         retry: RetryPolicy = _DEFAULT_RETRY,
+        first_replica: int = 0,
     ) -> None:
         """base_url: one teacher, several (a list or "http://a:8000,http://b:8000"), or a name that resolves
-        to several addresses; requests go round-robin and fail over between them (opd_client.endpoints)."""
-        self.endpoints = Endpoints(base_url)
+        to several addresses; requests go round-robin and fail over between them (opd_client.endpoints),
+        starting at replica number `first_replica` (modulo their count)."""
+        self.endpoints = Endpoints(base_url, first=first_replica)
         self.base_url = self.endpoints.label
         self.retry = retry
         self.timeout = timeout

@@ -10,3 +10,6 @@ def register(subparsers) -> None:
 
     memory.register(bench)
     serve.register(bench)
+    from opd_student import scale_bench
+
+    scale_bench.register(bench)

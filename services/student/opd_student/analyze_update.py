@@ -1,7 +1,7 @@
 """`opd analyze-update BEFORE AFTER`: which parameters a training run changed, by module type and by layer.
 
 BEFORE and AFTER are HF save_pretrained directories (one or several *.safetensors shards), a training
-checkpoint (checkpoints/step-NNNNNN with trainable.safetensors) or a single .safetensors file. Tensors are
+checkpoint (checkpoints/step-NNNNNN) or a single .safetensors file. Tensors are
 read one at a time, in row chunks, from memory-mapped files: no model is built and no whole model is loaded.
 For each parameter shared by both sides: how many entries moved by at most `threshold` (counted as
 unchanged) and ‖Δ‖ / ‖before‖. Groups pool entries, so a group's relative norm is that of all its tensors
@@ -11,9 +11,12 @@ concatenated, sqrt(Σ‖Δ‖²) / sqrt(Σ‖before‖²), not a mean of per-ten
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,6 +171,8 @@ def tensor_files(path: Path, role: str) -> dict[str, Path]:
         files = [path] if path.suffix == ".safetensors" else []
     elif (path / "adapter_config.json").exists() or (path / "adapter_model.safetensors").exists():
         raise UpdateError(_lora_refusal(role, path))
+    elif (path / ".metadata").exists():  # a training checkpoint (torch.distributed.checkpoint format)
+        files = [_checkpoint_as_safetensors(path)]
     elif (path / "model.safetensors.index.json").exists():
         index = json.loads((path / "model.safetensors.index.json").read_text())
         files = sorted({path / f for f in index["weight_map"].values()})
@@ -182,6 +187,18 @@ def tensor_files(path: Path, role: str) -> dict[str, Path]:
     if any(".lora_A." in n or ".lora_B." in n for n in names):
         raise UpdateError(_lora_refusal(role, path))
     return names
+
+
+def _checkpoint_as_safetensors(path: Path) -> Path:
+    """The checkpoint's weights gathered into one temporary .safetensors file (removed at exit)."""
+    from safetensors.torch import save_file
+
+    from opd_student.checkpoint import checkpoint_weights
+
+    out = Path(tempfile.mkdtemp(prefix="opd-checkpoint-")) / "trainable.safetensors"
+    atexit.register(shutil.rmtree, out.parent, True)
+    save_file({k: v.detach().clone().contiguous() for k, v in checkpoint_weights(path).items()}, out)
+    return out
 
 
 def _lora_refusal(role: str, path: Path) -> str:

@@ -192,32 +192,32 @@ def chunk_evaluate(
 ) -> dict[str, float]:
     """Held-out chunk reward: one seeded sample per prompt, chunks spread evenly (the same positions
     whatever the student's entropies), scored by the black-box teacher."""
-    from opd_student.eval import seeded
+    from opd_student.eval import eval_seeds
 
     was_training = lm.training
     lm.eval()
     responses = []
     tokens = 0
-    with seeded(seed):
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            prompt_ids = [render(p, tokenizer) for p in chunk]
-            completions = sample_completions(
-                lm,
-                prompt_ids,
-                1,
-                cfg.eval_max_new_tokens,
-                1.0,
-                tokenizer.eos_token_id,
-                tokenizer.pad_token_id,
-            )
-            rollouts = [
-                Rollout(ids, c[0], None, p.teacher or cfg.teacher_model, p.id)
-                for p, ids, c in zip(chunk, prompt_ids, completions, strict=True)
-            ]
-            requests = chunk_requests(cfg, tokenizer, chunk, rollouts, None)
-            responses += link.collect_chunks(requests, link.submit_chunks(requests))
-            tokens += sum(len(r.completion_ids) for r in rollouts)
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        prompt_ids = [render(p, tokenizer) for p in chunk]
+        completions = sample_completions(
+            lm,
+            prompt_ids,
+            1,
+            cfg.eval_max_new_tokens,
+            1.0,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            row_seeds=eval_seeds(seed, list(range(start, start + len(chunk)))),
+        )
+        rollouts = [
+            Rollout(ids, c[0], None, p.teacher or cfg.teacher_model, p.id)
+            for p, ids, c in zip(chunk, prompt_ids, completions, strict=True)
+        ]
+        requests = chunk_requests(cfg, tokenizer, chunk, rollouts, None)
+        responses += link.collect_chunks(requests, link.submit_chunks(requests))
+        tokens += sum(len(r.completion_ids) for r in rollouts)
     lm.train(was_training)
     rewards = [chunk_reward(cfg, c) for r in responses for c in r.chunks]
     out = chunk_metrics(responses, rewards, "eval/chunk_")

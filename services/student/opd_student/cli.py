@@ -28,6 +28,7 @@ def register(subparsers) -> None:
 
 
 def train_main(args: argparse.Namespace) -> None:
+    from opd_student.distributed import world_from_env
     from opd_student.report import write_report
     from opd_student.train import train
 
@@ -39,5 +40,6 @@ def train_main(args: argparse.Namespace) -> None:
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from e
     run_dir = train(cfg, resume=args.resume)
-    png, md = write_report(run_dir)
-    print(f"report: {png}, {md}")
+    if world_from_env().is_main:  # under torchrun, rank 0 alone writes the run's files
+        png, md = write_report(run_dir)
+        print(f"report: {png}, {md}")

@@ -18,6 +18,7 @@ from opd_student.methods.checks import config_problems
 
 LOSSES = ("reverse_kl", "topk_forward_kl", "student_topk_reverse_kl", "jsd", "chunk")
 CHUNK_REWARDS = ("smoothed", "similarity", "edit_similarity")
+PARALLEL = ("fsdp", "ddp")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     device: str = "auto"
+    # Under torchrun: how gradients are synchronised (docs/scale.md). fsdp: FSDP2, parameters, gradients
+    # and optimiser state sharded over the ranks; ddp: a whole copy per rank (faster for small students).
+    parallel: str = "fsdp"
     # --- bookkeeping
     out: str = "runs/opd"
     seed: int = 0
@@ -128,6 +132,10 @@ class TrainConfig:
             (self.micro_batch_size >= 1, f"micro_batch_size must be >= 1; got {self.micro_batch_size}"),
             (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine"),
             (self.bf16 in ("auto", "true", "false"), f"bf16 must be auto, true or false; got {self.bf16!r}"),
+            (
+                self.parallel in PARALLEL,
+                f"parallel must be one of {', '.join(PARALLEL)}; got {self.parallel!r}",
+            ),
             (self.save_every >= 0 and self.eval_every >= 0, "save_every and eval_every must be >= 0"),
         ]
         problems = [message for ok, message in checks if not ok] + config_problems(self)

@@ -10,30 +10,26 @@ the teacher scores those answers. Two numbers per token, averaged over all compl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from pathlib import Path
 
 import torch
 
 from opd_student import losses
-from opd_student.checkpoint import rng_state, set_rng_state
+from opd_student.distributed import SINGLE, World
 from opd_student.prompts import Prompt, load_prompts, render
-from opd_student.rollouts import Rollout, pack, sample_completions, student_logprobs, teacher_tensors
+from opd_student.rollouts import (
+    Rollout,
+    pack,
+    row_seed,
+    sample_completions,
+    student_logprobs,
+    teacher_tensors,
+    unwrap,
+)
 from opd_student.teacher_link import TeacherLink
 
 EVAL_TOP_K = 20
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Run with a fixed seed and leave the caller's RNG streams exactly as they were."""
-    saved = rng_state()
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        set_rng_state(saved)
 
 
 def evaluate(
@@ -46,51 +42,70 @@ def evaluate(
     seed: int = 1234,
     batch_size: int = 8,
     autocast: bool = False,
+    world: World = SINGLE,
 ) -> dict[str, float]:
+    """Sums over all ranks when several trainer processes share the prompts; every rank gets the result.
+    Prompt i's sample is seeded by (seed, i), so the numbers do not depend on batch size or rank count."""
+    if world.distributed and len(prompts) % world.size:
+        prompts = prompts[: len(prompts) - len(prompts) % world.size]  # equal shares: lockstep forwards
+    mine = list(world.share(len(prompts)))
     was_training = model.training
     model.eval()
     rev_sum = fwd_sum = tokens = 0.0
-    device_type = model.device.type
-    with seeded(seed):
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            prompt_ids = [render(p, tokenizer) for p in chunk]
-            completions = sample_completions(
-                model, prompt_ids, 1, max_new_tokens, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id
+    device_type = unwrap(model).device.type
+    for start in range(0, len(mine), batch_size):
+        chunk_idx = mine[start : start + batch_size]
+        chunk = [prompts[i] for i in chunk_idx]
+        prompt_ids = [render(p, tokenizer) for p in chunk]
+        completions = sample_completions(
+            model,
+            prompt_ids,
+            1,
+            max_new_tokens,
+            1.0,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            row_seeds=eval_seeds(seed, chunk_idx),
+        )
+        rollouts = [
+            Rollout(ids, c[0], _teacher_prefix(p, tokenizer), p.teacher or teacher_model, p.id)
+            for p, ids, c in zip(chunk, prompt_ids, completions, strict=True)
+        ]
+        scores = link.collect(rollouts, link.submit(rollouts, EVAL_TOP_K), EVAL_TOP_K)
+        batch = pack(rollouts, tokenizer.pad_token_id)
+        teacher = teacher_tensors(scores, batch.mask_B_T.shape[1])
+        with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            logprobs_B_T_V = student_logprobs(model, batch)
+        logprobs_B_T_V = logprobs_B_T_V.float().cpu()
+        q_tok_B_T = logprobs_B_T_V.gather(-1, batch.targets_B_T[..., None])[..., 0]
+        rev_sum += (
+            losses.sampled_reverse_kl(q_tok_B_T, teacher.token_logprobs_B_T, batch.mask_B_T).sum().item()
+        )
+        fwd_sum += (
+            losses.topk_forward_kl(
+                logprobs_B_T_V,
+                teacher.top_ids_B_T_K,
+                teacher.top_logprobs_B_T_K,
+                teacher.tail_logprob_B_T,
+                batch.mask_B_T,
             )
-            rollouts = [
-                Rollout(ids, c[0], _teacher_prefix(p, tokenizer), p.teacher or teacher_model, p.id)
-                for p, ids, c in zip(chunk, prompt_ids, completions, strict=True)
-            ]
-            scores = link.collect(rollouts, link.submit(rollouts, EVAL_TOP_K), EVAL_TOP_K)
-            batch = pack(rollouts, tokenizer.pad_token_id)
-            teacher = teacher_tensors(scores, batch.mask_B_T.shape[1])
-            with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-                logprobs_B_T_V = student_logprobs(model, batch)
-            logprobs_B_T_V = logprobs_B_T_V.float().cpu()
-            q_tok_B_T = logprobs_B_T_V.gather(-1, batch.targets_B_T[..., None])[..., 0]
-            rev_sum += (
-                losses.sampled_reverse_kl(q_tok_B_T, teacher.token_logprobs_B_T, batch.mask_B_T).sum().item()
-            )
-            fwd_sum += (
-                losses.topk_forward_kl(
-                    logprobs_B_T_V,
-                    teacher.top_ids_B_T_K,
-                    teacher.top_logprobs_B_T_K,
-                    teacher.tail_logprob_B_T,
-                    batch.mask_B_T,
-                )
-                .sum()
-                .item()
-            )
-            tokens += batch.num_tokens
+            .sum()
+            .item()
+        )
+        tokens += batch.num_tokens
     model.train(was_training)
+    rev_sum, fwd_sum, tokens = world.sum([rev_sum, fwd_sum, tokens])
     return {
         "eval/reverse_kl": rev_sum / tokens,
         "eval/topk_forward_kl": fwd_sum / tokens,
-        "eval/tokens": tokens,
+        "eval/tokens": int(tokens),
         "eval/prompts": len(prompts),
     }
+
+
+def eval_seeds(seed: int, prompt_indices: list[int]) -> list[int]:
+    """One sampling seed per held-out prompt, by its index in the prompt list."""
+    return [row_seed(seed, 1, i) for i in prompt_indices]
 
 
 def _teacher_prefix(prompt: Prompt, tokenizer) -> list[int] | None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from opd_client.scores import SequenceScores
 
@@ -20,7 +23,31 @@ class Rollout:
     loss_spans: list[list[int]] | None = None  # [start, end) characters of the completion the loss may use
 
 
-@torch.inference_mode()
+def row_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (run seed, step, row...): independent streams per key tuple."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class SeededGumbel(LogitsProcessor):
+    """Sampling from softmax(logits / T) as argmax(logits / T + Gumbel noise), with each row's noise drawn
+    from its own generator: a rollout's tokens depend on its seed, not on the rows it shares a batch with
+    or on the rank that samples it, so 1 and N trainer processes sample the same rollouts."""
+
+    def __init__(self, seeds: list[int], temperature: float, device: torch.device) -> None:
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores_B_V: torch.Tensor) -> torch.Tensor:
+        V = scores_B_V.shape[-1]
+        uniform_B_V = torch.stack(
+            [torch.rand(V, generator=g, device=scores_B_V.device) for g in self.generators]
+        )
+        gumbel_B_V = -torch.log(-torch.log(uniform_B_V.clamp_min(1e-20)))
+        return scores_B_V.float() / self.temperature + gumbel_B_V
+
+
+@torch.no_grad()  # not inference_mode: FSDP2 gathers parameters inside generate
 def sample_completions(
     model,
     prompts_P: list[list[int]],
@@ -29,26 +56,30 @@ def sample_completions(
     temperature: float,
     eos_token_id: int,
     pad_token_id: int,
+    row_seeds: list[int],
 ) -> list[list[list[int]]]:
-    """completions_P_G: G sampled completions per prompt (pure sampling: no top-k/top-p truncation)."""
+    """completions_P_G: G sampled completions per prompt (pure sampling: no top-k/top-p truncation);
+    row_seeds holds one seed per completion (P × G, prompt-major)."""
     rows = [ids for ids in prompts_P for _ in range(samples_per_prompt)]
+    if len(row_seeds) != len(rows):
+        raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {len(rows)} rows")
+    generator = unwrap(model)
+    device = generator.device
     width = max(len(r) for r in rows)
-    device = model.device
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, ids in enumerate(rows):  # left padding, so every row's next token comes at the same column
         input_ids[i, width - len(ids) :] = torch.tensor(ids)
         attention_mask[i, width - len(ids) :] = 1
-    out = model.generate(
+    out = generator.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
+        do_sample=False,  # the argmax over Gumbel-perturbed logits is the sample
+        logits_processor=LogitsProcessorList([SeededGumbel(row_seeds, temperature, device)]),
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
+        synced_gpus=getattr(generator, "synced_generation", False),
     )[:, width:].tolist()
     completions = [_cut_at_eos(row, eos_token_id) for row in out]
     return [completions[p * samples_per_prompt : (p + 1) * samples_per_prompt] for p in range(len(prompts_P))]
@@ -93,18 +124,46 @@ def pack(rollouts: list[Rollout], pad_token_id: int) -> PackedBatch:
     return PackedBatch(input_ids, attention, positions, targets, mask)
 
 
+class CompletionLogprobs(torch.nn.Module):
+    """log q over the vocabulary at completion positions only, as a module: DDP and FSDP2 synchronise
+    gradients through the forward of the module they wrap (distributed.py)."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
+
+    def forward(
+        self, input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor, positions_B_T: torch.Tensor
+    ) -> torch.Tensor:
+        hidden_B_L_H = self.lm.base_model(
+            input_ids=input_ids_B_L, attention_mask=attention_mask_B_L, use_cache=False
+        ).last_hidden_state
+        index = positions_B_T[:, :, None].expand(-1, -1, hidden_B_L_H.shape[-1])
+        hidden_B_T_H = hidden_B_L_H.gather(1, index)
+        logits_B_T_V = self.lm.get_output_embeddings()(hidden_B_T_H)
+        return torch.log_softmax(logits_B_T_V.float(), dim=-1)
+
+    def generate(self, **kwargs) -> torch.Tensor:
+        return self.lm.generate(**kwargs)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP (FSDP2 wraps in place: nothing to unwrap)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def student_logprobs(model, batch: PackedBatch) -> torch.Tensor:
-    """log q over the vocabulary at completion positions only: [B, T, V] (fp32), with grad."""
-    device = model.device
-    hidden_B_L_H = model.base_model(
-        input_ids=batch.input_ids_B_L.to(device),
-        attention_mask=batch.attention_mask_B_L.to(device),
-        use_cache=False,
-    ).last_hidden_state
-    index = batch.positions_B_T.to(device)[:, :, None].expand(-1, -1, hidden_B_L_H.shape[-1])
-    hidden_B_T_H = hidden_B_L_H.gather(1, index)
-    logits_B_T_V = model.get_output_embeddings()(hidden_B_T_H)
-    return torch.log_softmax(logits_B_T_V.float(), dim=-1)
+    """log q over the vocabulary at completion positions only: [B, T, V] (fp32), with grad. `model` is
+    a causal LM or a (wrapped) CompletionLogprobs."""
+    scorer = model if isinstance(unwrap(model), CompletionLogprobs) else CompletionLogprobs(model)
+    device = unwrap(scorer).device
+    return scorer(
+        batch.input_ids_B_L.to(device), batch.attention_mask_B_L.to(device), batch.positions_B_T.to(device)
+    )
 
 
 @dataclass

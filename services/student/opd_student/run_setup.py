@@ -13,10 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from opd_client.launch import LocalTeacher, start_teacher
 from opd_student.checkpoint import latest_checkpoint
 from opd_student.config import TrainConfig
+from opd_student.distributed import (
+    World,
+    close_process_group,
+    init_process_group,
+    is_sharded,
+    rank_device,
+    world_from_env,
+    wrap_student,
+)
 from opd_student.make_student import resolve_student
 from opd_student.methods.options import MethodOptions
 from opd_student.prompts import parse_prompts, render
@@ -30,20 +40,28 @@ class RunContext:
     cfg: TrainConfig
     run_dir: Path
     model: torch.nn.Module  # what the optimiser updates (a PeftModel with LoRA)
-    lm: torch.nn.Module  # the causal LM forwards run on
+    lm: torch.nn.Module  # the causal LM (unwrapped)
+    student: torch.nn.Module  # what forwards and sampling run on: CompletionLogprobs, wrapped under torchrun
     tokenizer: object
     link: TeacherLink
     device: torch.device
     bf16: bool
     local_teacher: LocalTeacher | None = None
     methods: MethodOptions | None = None  # the options of docs/methods.md, parsed
+    world: World = field(default_factory=World)
+    student_path: Path | None = None
     reference: torch.nn.Module | None = None  # loss chunk: the initial student, frozen (KL outside chunks)
     say_hook: object = None
     _dataset: list = field(default_factory=list)
     _dataset_pos: int = 0
 
     def say(self, message: str) -> None:
-        (self.say_hook or print)(message)
+        if not self.world.is_main:
+            return
+        if self.say_hook is not None:
+            self.say_hook(message)
+        else:
+            print(message, flush=True)
 
     def dataset_rollouts(self, n: int) -> list[Rollout]:
         """The next n fixed sequences (GKD's off-policy share), cycling through the dataset."""
@@ -54,28 +72,52 @@ class RunContext:
         return out
 
     def save_final(self) -> Path:
+        """run_dir/final: a plain HF directory (rank 0 writes it; FSDP shards are gathered first)."""
         out = self.run_dir / "final"
-        save_final(self.model, self.tokenizer, out, self.cfg.lora)
+        model = self.model
+        if is_sharded(model):
+            full = get_model_state_dict(
+                model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            if self.world.is_main:
+                model = load_student(self.student_path, self.cfg, torch.device("cpu"))[0]
+                model.load_state_dict(full)
+        if self.world.is_main:
+            save_final(model, self.tokenizer, out, self.cfg.lora)
         self.say(f"trained student saved to {out}")
         return out
 
     def close(self) -> None:
         self.link.close()
+        self.world.barrier()  # the local teacher (rank 0's) serves until every rank is done with it
         if self.local_teacher is not None:
             self.local_teacher.stop()
+        close_process_group()
 
 
 def setup_run(cfg: TrainConfig, resume: bool) -> RunContext:
+    world = world_from_env()
+    device = rank_device(pick_device(cfg.device), world)
+    _check_world(cfg, world)
+    init_process_group(world, device)
+    try:
+        return _setup(cfg, resume, world, device)
+    except BaseException:
+        close_process_group()
+        raise
+
+
+def _setup(cfg: TrainConfig, resume: bool, world: World, device: torch.device) -> RunContext:
     run_dir = Path(cfg.out)
     if latest_checkpoint(run_dir) is not None and not resume:
         raise SystemExit(
             f"error: {run_dir} already holds a run; pass --resume to continue it or choose another --out"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(cfg.to_json() + "\n")
 
-    device = pick_device(cfg.device)
-    student_path = resolve_student(cfg.student)
+    student_path = resolve_student(cfg.student)  # builds the default student once, under a file lock
     model, lm, tokenizer = load_student(student_path, cfg, device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id
@@ -88,13 +130,22 @@ def setup_run(cfg: TrainConfig, resume: bool) -> RunContext:
         )
     if url is None:
         api_key = secrets.token_urlsafe(16)
-        models = [m.strip() for m in cfg.local_teacher_models.split(",") if m.strip()] or None
-        serving = ", ".join(models) if models else "embedded default teacher"
-        print(f"starting a local teacher service (opd serve-teacher, {serving})...", flush=True)
-        local_teacher = start_teacher(run_dir, models, api_key=api_key)
-        url = local_teacher.http_url
-        print(f"teacher ready at {url}; log: {local_teacher.log_path}", flush=True)
-    link = TeacherLink(url, api_key, cfg.teacher_timeout_s, cfg.max_inflight_requests, cfg.teacher_wait_s)
+        if world.is_main:  # one local teacher for all ranks of this machine
+            models = [m.strip() for m in cfg.local_teacher_models.split(",") if m.strip()] or None
+            serving = ", ".join(models) if models else "embedded default teacher"
+            print(f"starting a local teacher service (opd serve-teacher, {serving})...", flush=True)
+            local_teacher = start_teacher(run_dir, models, api_key=api_key)
+            url = local_teacher.http_url
+            print(f"teacher ready at {url}; log: {local_teacher.log_path}", flush=True)
+        url, api_key = world.broadcast((url, api_key))
+    link = TeacherLink(
+        url,
+        api_key,
+        cfg.teacher_timeout_s,
+        cfg.max_inflight_requests,
+        cfg.teacher_wait_s,
+        first_replica=world.rank,
+    )
     try:
         info = link.check(tokenizer, cfg.teacher_model)
         _check_teacher_kind(cfg, info, url)
@@ -103,20 +154,45 @@ def setup_run(cfg: TrainConfig, resume: bool) -> RunContext:
         if local_teacher is not None:
             local_teacher.stop()
         raise
-    ctx = RunContext(cfg, run_dir, model, lm, tokenizer, link, device, use_bf16(cfg, device), local_teacher)
-    ctx.link.on_wait = lambda message: ctx.say(message)
-    ctx.methods = MethodOptions(cfg)
+    reference = None
     if cfg.loss == "chunk" and cfg.chunk_kl_coef > 0:
         # Copied before any checkpoint is loaded: the reference stays the student the run started from.
-        ctx.reference = copy.deepcopy(lm).eval().requires_grad_(False)
+        reference = copy.deepcopy(lm).eval().requires_grad_(False)
+    student = wrap_student(lm, cfg.parallel, world)
+    ctx = RunContext(
+        cfg, run_dir, model, lm, student, tokenizer, link, device, use_bf16(cfg, device), local_teacher
+    )
+    ctx.world = world
+    ctx.student_path = student_path
+    ctx.reference = reference
+    ctx.link.on_wait = lambda message: ctx.say(message)
+    ctx.methods = MethodOptions(cfg)
     if cfg.dataset:
         ctx._dataset = _load_dataset(Path(cfg.dataset), tokenizer)
-    print(
+    ranks = f"; {world.size} ranks, {cfg.parallel}" if world.distributed else ""
+    ctx.say(
         f"student {student_path} ({sum(p.numel() for p in lm.parameters()) / 1e6:.0f}M params, "
-        f"bf16 autocast {'on' if ctx.bf16 else 'off'}, {device}); teacher {info.name} at {url}",
-        flush=True,
+        f"bf16 autocast {'on' if ctx.bf16 else 'off'}, {device}{ranks}); teacher {info.name} at {url}"
     )
     return ctx
+
+
+def _check_world(cfg: TrainConfig, world: World) -> None:
+    """What torchrun runs need before any process group exists (every rank reaches the same verdict)."""
+    if not world.distributed:
+        return
+    if cfg.prompts_per_step % world.size:
+        raise SystemExit(
+            f"error: prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the number of trainer "
+            f"processes ({world.size}): each rank samples an equal share of the step's prompts"
+        )
+    if cfg.loss == "chunk":
+        raise SystemExit("error: --loss chunk runs in one process; launch it without torchrun")
+    if cfg.teacher_url is None and not world.single_node:
+        raise SystemExit(
+            "error: a run on several machines needs --teacher-url (the teacher `opd train` would start "
+            "listens on rank 0's loopback only)"
+        )
 
 
 def _check_teacher_kind(cfg: TrainConfig, info, url: str) -> None:

@@ -31,16 +31,24 @@ class TeacherUnreachable(RuntimeError):
 
 class TeacherLink:
     def __init__(
-        self, url: str, api_key: str | None, timeout_s: float, max_inflight: int, wait_s: float, on_wait=None
+        self,
+        url: str,
+        api_key: str | None,
+        timeout_s: float,
+        max_inflight: int,
+        wait_s: float,
+        on_wait=None,
+        first_replica: int = 0,
     ):
         # The client's own retries ride out short blips and fail over between replicas; this class
-        # handles outages longer than those.
+        # handles outages longer than those. Trainer ranks start their round-robin at their rank.
         try:
             self.client = HttpTeacherClient(
                 url,
                 api_key=api_key,
                 timeout=timeout_s,
                 retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.5, max_backoff_s=5),
+                first_replica=first_replica,
             )
         except ValueError as e:
             raise SystemExit(f"error: --teacher-url: {e}") from e

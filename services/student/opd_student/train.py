@@ -22,11 +22,19 @@ from tqdm import tqdm
 from opd_student import chunk_train, losses
 from opd_student.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from opd_student.config import TrainConfig
+from opd_student.distributed import gradient_sync, peak_memory_mib, plain_float
 from opd_student.eval import evaluate
 from opd_student.methods.teacher_metrics import TeacherMetrics
 from opd_student.metrics_log import MetricsLog
 from opd_student.prompts import PromptStream, load_prompts, render
-from opd_student.rollouts import Rollout, pack, sample_completions, student_logprobs, teacher_tensors
+from opd_student.rollouts import (
+    Rollout,
+    pack,
+    row_seed,
+    sample_completions,
+    student_logprobs,
+    teacher_tensors,
+)
 from opd_student.run_setup import RunContext, setup_run
 
 
@@ -57,7 +65,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 
 def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
-    model, lm, tokenizer, link = ctx.model, ctx.lm, ctx.tokenizer, ctx.link
+    model, lm, tokenizer, link, world = ctx.model, ctx.lm, ctx.tokenizer, ctx.link, ctx.world
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
@@ -65,7 +73,7 @@ def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
     stream = PromptStream(load_prompts(cfg.prompts), seed=cfg.seed)
     eval_prompts = load_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
     ctx.methods.check_teachers(link, tokenizer, stream.prompts)  # every teacher routed to exists
-    metrics_log = MetricsLog(ctx.run_dir)
+    metrics_log = MetricsLog(ctx.run_dir) if world.is_main else None  # rank 0 writes, for all ranks
     mix_rng = random.Random(cfg.seed)
 
     step = 0
@@ -75,7 +83,8 @@ def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
         step = state["step"]
         stream.load_state_dict(state["data"])
         mix_rng.setstate(state["mix_rng"])
-        metrics_log.truncate_after(step)
+        if metrics_log is not None:
+            metrics_log.truncate_after(step)
         ctx.say(f"resumed from {checkpoint} at step {step}")
     else:
         torch.manual_seed(cfg.seed)
@@ -84,22 +93,23 @@ def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
     def run_eval(at_step: int) -> None:
         if cfg.loss == "chunk":  # a black-box teacher has no logprobs: held-out chunk reward instead of KL
             result = chunk_train.chunk_evaluate(lm, tokenizer, link, eval_prompts, cfg, seed=cfg.seed + 1234)
-            metrics_log.log({"step": at_step, "eval": True, **result})
+            _log(metrics_log, {"step": at_step, "eval": True, **result})
             ctx.say(
                 f"eval at step {at_step}: chunk reward {result['eval/chunk_reward']:.4f}, similarity "
                 f"{result['eval/chunk_similarity']:.4f}, accepted {result['eval/chunk_accept_rate']:.3f}"
             )
             return
         result = evaluate(
-            lm,
+            ctx.student,
             tokenizer,
             link,
             eval_prompts,
             cfg.eval_max_new_tokens,
             cfg.teacher_model,
             seed=cfg.seed + 1234,
+            world=world,
         )
-        metrics_log.log({"step": at_step, "eval": True, **result})
+        _log(metrics_log, {"step": at_step, "eval": True, **result})
         ctx.say(
             f"eval at step {at_step}: sampled reverse KL {result['eval/reverse_kl']:.4f}, "
             f"top-20 forward KL {result['eval/topk_forward_kl']:.4f} nats/token"
@@ -120,11 +130,19 @@ def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
             optimizer,
             scheduler,
             {"data": data_state, "mix_rng": mix_rng.getstate()},
+            world=world,
             keep=cfg.keep_checkpoints,
         )
         ctx.say(f"checkpoint {path.name}")
 
-    bar = tqdm(total=cfg.steps, initial=step, desc="opd train", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        desc="opd train",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not world.is_main,
+    )
     ctx.say_hook = bar.write
     model.train()
     while step < cfg.steps and not stop.requested:
@@ -156,9 +174,10 @@ def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
                 "lr": scheduler.get_last_lr()[0],
                 "tokens_per_s": tokens
                 / max(1e-9, sum(v for k, v in metrics.items() if k.startswith("time/"))),
+                "mem/peak_mib": world.max(peak_memory_mib(ctx.device)),  # the largest rank's
             }
         )
-        metrics_log.log(metrics)
+        _log(metrics_log, metrics)
         bar.update(1)
         signal = ("reward", "chunk/reward") if cfg.loss == "chunk" else ("kl", "kl/sampled_reverse")
         bar.set_postfix(
@@ -167,6 +186,8 @@ def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
         )
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             run_eval(step)
+        # Every rank must stop after the same step (torchrun signals each rank on its own).
+        stop.requested = world.sum([float(stop.requested)])[0] > 0
         if (cfg.save_every and step % cfg.save_every == 0) or stop.requested or step == cfg.steps:
             save(step)
     bar.close()
@@ -176,6 +197,13 @@ def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
         return
     run_eval(step)
     ctx.save_final()
+    if metrics_log is not None:
+        metrics_log.close()
+
+
+def _log(metrics_log: MetricsLog | None, record: dict) -> None:
+    if metrics_log is not None:
+        metrics_log.log(record)
 
 
 def _next_batch(
@@ -186,22 +214,28 @@ def _next_batch(
     horizon = ctx.methods.horizon(index)  # generation stops there (TOPD / POPD)
     data_state = stream.state_dict()
     on_policy = losses.gkd_mix(mix_rng, cfg.gkd_lambda)  # one draw per step whatever λ: same RNG stream
+    G = cfg.samples_per_prompt
     if on_policy:
-        prompts = [next(stream) for _ in range(cfg.prompts_per_step)]
+        # Every rank draws the whole step (so all hold the same data position) and samples its share.
+        step_prompts = [next(stream) for _ in range(cfg.prompts_per_step)]
+        mine = ctx.world.share(len(step_prompts))
+        prompts = [step_prompts[p] for p in mine]
         prompt_ids = [render(p, ctx.tokenizer) for p in prompts]
         # No autocast here: under autocast every decoding step re-casts the weights (measured 6x slower on CPU).
         completions_P_G = sample_completions(
-            ctx.lm,
+            ctx.student,
             prompt_ids,
-            cfg.samples_per_prompt,
+            G,
             horizon,
             cfg.temperature,
             ctx.tokenizer.eos_token_id,
             ctx.tokenizer.pad_token_id,
+            row_seeds=[row_seed(cfg.seed, 0, index, p * G + g) for p in mine for g in range(G)],
         )
         rollouts = ctx.methods.rollouts(prompts, prompt_ids, completions_P_G, ctx.tokenizer)
     else:
-        rollouts = ctx.methods.cut(ctx.dataset_rollouts(cfg.rollouts_per_step), horizon)
+        step_rollouts = ctx.dataset_rollouts(cfg.rollouts_per_step)
+        rollouts = ctx.methods.cut([step_rollouts[i] for i in ctx.world.share(len(step_rollouts))], horizon)
     if cfg.loss == "chunk":  # black-box teacher: chunk-score requests instead of token scores
         entropies = None
         if cfg.chunk_select == "entropy":
@@ -224,21 +258,23 @@ def _student_top_ids(cfg: TrainConfig, ctx: RunContext, rollouts: list[Rollout])
         chunk = rollouts[start : start + cfg.micro_batch_size]
         batch = pack(chunk, ctx.tokenizer.pad_token_id)
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
-            top_B_T_K = student_logprobs(ctx.lm, batch).topk(cfg.top_k, dim=-1).indices.cpu()
+            top_B_T_K = student_logprobs(ctx.student, batch).topk(cfg.top_k, dim=-1).indices.cpu()
         out += [top_B_T_K[b, : len(r.completion_ids)].tolist() for b, r in enumerate(chunk)]
     return out
 
 
 def _optimizer_step(cfg: TrainConfig, ctx: RunContext, optimizer, scheduler, batch: Batch, scores) -> dict:
-    """Gradient accumulation over micro-batches, normalised by the step's total completion tokens (or,
-    with token weights from the methods, by their sum: methods/step_weights.py)."""
-    rollouts = batch.rollouts
+    """Gradient accumulation over micro-batches, normalised by the step's total completion tokens over all
+    ranks (or, with token weights from the methods, by their sum: methods/step_weights.py)."""
+    rollouts, world = batch.rollouts, ctx.world
     weights = ctx.methods.step_weights(ctx, rollouts, scores)
     per_teacher = TeacherMetrics() if ctx.methods.several_teachers else None
-    total_tokens = sum(len(r.completion_ids) for r in rollouts)
+    local_tokens = sum(len(r.completion_ids) for r in rollouts)
+    total_tokens = world.sum([local_tokens])[0]
     loss_sum = kl_sum = teacher_lp_sum = 0.0
     optimizer.zero_grad(set_to_none=True)
-    for start in range(0, len(rollouts), cfg.micro_batch_size):
+    starts = range(0, len(rollouts), cfg.micro_batch_size)  # the same count on every rank
+    for start in starts:
         idx = range(start, min(start + cfg.micro_batch_size, len(rollouts)))
         mb = pack([rollouts[i] for i in idx], ctx.tokenizer.pad_token_id)
         teacher = teacher_tensors([scores[i] for i in idx], mb.mask_B_T.shape[1])
@@ -247,15 +283,17 @@ def _optimizer_step(cfg: TrainConfig, ctx: RunContext, optimizer, scheduler, bat
             score_ids = torch.zeros_like(teacher.score_logprobs_B_T_M, dtype=torch.long)
             for b, i in enumerate(idx):
                 score_ids[b, : len(batch.score_ids[i])] = torch.tensor(batch.score_ids[i])
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
-            logprobs_B_T_V = student_logprobs(ctx.lm, mb)
-        logprobs_B_T_V = logprobs_B_T_V.cpu() if logprobs_B_T_V.device.type != "cpu" else logprobs_B_T_V
-        q_tok_B_T = logprobs_B_T_V.gather(-1, mb.targets_B_T[..., None])[..., 0]
-        per_token_B_T = _loss(cfg, logprobs_B_T_V, q_tok_B_T, teacher, mb.mask_B_T, score_ids)
-        weights_B_T = weights.micro_batch(list(idx), logprobs_B_T_V, teacher, mb.mask_B_T)
-        if weights_B_T is not None:
-            per_token_B_T = per_token_B_T * weights_B_T
-        losses.token_mean(per_token_B_T, total_tokens).backward()
+        with gradient_sync(ctx.student, enabled=start == starts[-1]):
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
+                logprobs_B_T_V = student_logprobs(ctx.student, mb)
+            logprobs_B_T_V = logprobs_B_T_V.cpu() if logprobs_B_T_V.device.type != "cpu" else logprobs_B_T_V
+            q_tok_B_T = logprobs_B_T_V.gather(-1, mb.targets_B_T[..., None])[..., 0]
+            per_token_B_T = _loss(cfg, logprobs_B_T_V, q_tok_B_T, teacher, mb.mask_B_T, score_ids)
+            weights_B_T = weights.micro_batch(list(idx), logprobs_B_T_V, teacher, mb.mask_B_T)
+            if weights_B_T is not None:
+                per_token_B_T = per_token_B_T * weights_B_T
+            # DDP and FSDP average gradients over ranks; × world size makes that the sum over all tokens.
+            (losses.token_mean(per_token_B_T, total_tokens) * world.size).backward()
         loss_sum += per_token_B_T.sum().item()
         kl_B_T = losses.sampled_reverse_kl(q_tok_B_T.detach(), teacher.token_logprobs_B_T, mb.mask_B_T)
         kl_sum += kl_B_T.sum().item()
@@ -264,6 +302,17 @@ def _optimizer_step(cfg: TrainConfig, ctx: RunContext, optimizer, scheduler, bat
                 [rollouts[i].teacher for i in idx], kl_B_T, teacher.token_logprobs_B_T, mb.mask_B_T
             )
         teacher_lp_sum += (teacher.token_logprobs_B_T * mb.mask_B_T).sum().item()
+    if world.distributed:  # the step's sums over all ranks (one all-reduce)
+        local_weight = weights.weight_sum if weights.active else float(local_tokens)
+        any_active, weight_sum, in_loss, loss_sum, kl_sum, teacher_lp_sum, n_rollouts = world.sum(
+            [float(weights.active), local_weight, weights.tokens_in_loss, loss_sum, kl_sum, teacher_lp_sum,
+             len(rollouts)]
+        )  # fmt: skip
+        weights.active = any_active > 0
+        weights.total_tokens, weights.weight_sum = int(total_tokens), weight_sum
+        weights.tokens_in_loss = int(in_loss)
+    else:
+        n_rollouts = len(rollouts)
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     weights.rescale_gradients(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -273,11 +322,11 @@ def _optimizer_step(cfg: TrainConfig, ctx: RunContext, optimizer, scheduler, bat
         "loss": loss_sum / weights.loss_denominator(),
         "kl/sampled_reverse": kl_sum / total_tokens,
         "teacher/logprob": teacher_lp_sum / total_tokens,
-        "tokens": total_tokens,
-        "rollouts": len(rollouts),
+        "tokens": int(total_tokens),
+        "rollouts": int(n_rollouts),
         "on_policy": int(rollouts[0].on_policy),
-        "grad_norm": float(grad_norm),
-        "completion_len": total_tokens / len(rollouts),
+        "grad_norm": plain_float(grad_norm),
+        "completion_len": total_tokens / n_rollouts,
         **weights.metrics(),
         **(per_teacher.record() if per_teacher is not None else {}),
     }

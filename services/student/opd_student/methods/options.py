@@ -103,6 +103,8 @@ class MethodOptions:
     def step_weights(self, ctx, rollouts: list[Rollout], scores: list[SequenceScores]) -> StepWeights:
         weights = StepWeights(self.cfg, rollouts, scores, ctx.tokenizer, self.mask_rule)
         if self.cfg.ta_opd:
-            taus = teachability_pass(self.cfg, ctx.lm, ctx.tokenizer.pad_token_id, rollouts, scores, ctx.bf16)
+            taus = teachability_pass(
+                self.cfg, ctx.student, ctx.tokenizer.pad_token_id, rollouts, scores, ctx.bf16
+            )
             weights.select_teachable(taus)
         return weights

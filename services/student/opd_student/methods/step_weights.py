@@ -22,7 +22,7 @@ from opd_client.scores import SequenceScores
 from opd_student.methods.filtering import confidence_weights, rollout_keep_mask, teacher_mean_logprobs
 from opd_student.methods.teachability import teachability, top_fraction
 from opd_student.methods.token_mask import TokenMaskRule
-from opd_student.rollouts import Rollout, TeacherTensors, pack, student_logprobs, teacher_tensors
+from opd_student.rollouts import Rollout, TeacherTensors, pack, student_logprobs, teacher_tensors, unwrap
 
 
 class StepWeights:
@@ -127,7 +127,7 @@ def teachability_pass(
         chunk = rollouts[start : start + cfg.micro_batch_size]
         batch = pack(chunk, pad_token_id)
         teacher = teacher_tensors(scores[start : start + len(chunk)], batch.mask_B_T.shape[1])
-        with torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(unwrap(lm).device.type, dtype=torch.bfloat16, enabled=bf16):
             logprobs_B_T_V = student_logprobs(lm, batch)
         tau_B_T = teachability(
             logprobs_B_T_V.float().cpu(),
