@@ -4,6 +4,7 @@
   rollouts (sampling is seeded per rollout, so tokens are equal exactly) and losses within 1e-3.
 - A checkpoint written by 2 ranks (FSDP2 shards) resumes in 1 process and continues as the 1-process run.
 - Two teacher replicas both receive scoring traffic from the two ranks.
+- Two "machines" (`--nnodes 2`, both on loopback) train as one run.
 """
 
 from __future__ import annotations
@@ -129,6 +130,26 @@ def test_checkpoint_of_two_ranks_resumes_on_one(teacher, student_dir, tmp_path, 
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "update" / "update.json").read_text())
     assert report["total"]["fraction_unchanged"] == 1.0 and report["total"]["tensors"] >= 10
+
+
+def test_two_nodes_on_loopback(teacher, student_dir, tmp_path, one_process):
+    """`--nnodes 2`: two torchrun launchers (one per "machine", here both on loopback) form one run."""
+    out, port = tmp_path / "run", free_port()
+    launchers = []
+    for node in (0, 1):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+            "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+            "-m", "opd_cli.main", "train", "--teacher-url", teacher.http_url, "--student", str(student_dir),
+            "--out", str(out), "--steps", "2", "--parallel", "ddp", *SETTINGS,
+        ]  # fmt: skip
+        env = {**os.environ, "OPD_TEACHER_API_KEY": teacher.api_key}
+        launchers.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    logs = [p.communicate(timeout=600)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert_same_steps(one_process[:2], steps(out), upto=2)
 
 
 def test_ranks_spread_teacher_traffic_over_replicas(teacher, second_replica, student_dir, tmp_path):

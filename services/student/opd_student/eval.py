@@ -1,6 +1,7 @@
 """KL of the student to the teacher on held-out prompts, measured through the teacher service.
 
-The student answers each prompt (one sample, fixed seed, so before/after runs see the same RNG stream);
+The student answers each prompt (one sample, seeded by the prompt's index, so before/after runs and any
+batch size or number of trainer processes see the same noise);
 the teacher scores those answers. Two numbers per token, averaged over all completion tokens:
 - sampled reverse KL: log q(x) − log p(x) at the student's own samples x ~ q, an unbiased estimate of
   KL(q‖p), the quantity on-policy distillation minimises;
