@@ -107,6 +107,10 @@ def test_two_processes_match_one(teacher, student_dir, tmp_path, one_process, pa
     assert (out / "final" / "config.json").exists()
     evals = [r for r in read_metrics(out) if r.get("eval")]
     assert [e["eval/prompts"] for e in evals] == [4, 4]  # gathered over both ranks' 2 prompts each
+    # Training state per rank (weights + grads + AdamW): FSDP2 holds half of it, DDP all of it.
+    state, alone = steps(out)[-1]["mem/state_mib"], one_process[-1]["mem/state_mib"]
+    expected = alone / 2 if parallel == "fsdp" else alone
+    assert state == pytest.approx(expected, rel=0.05), (state, alone)
 
 
 def test_checkpoint_of_two_ranks_resumes_on_one(teacher, student_dir, tmp_path, one_process):

@@ -91,6 +91,7 @@ def _summary(run_dir: Path) -> dict:
     return {
         "step_s": statistics.median(gaps),
         "peak_mib_per_rank": max(r["mem/peak_mib"] for r in steps),
+        "state_mib_per_rank": max(r["mem/state_mib"] for r in steps),
         "tokens_per_step": statistics.mean(r["tokens"] for r in steps),
         "last_kl": steps[-1]["kl/sampled_reverse"],
         "steps": len(steps),
@@ -103,12 +104,13 @@ def render(results: list[dict], args) -> str:
         f"global batch {args.prompts_per_step} prompts × {args.samples_per_prompt} samples, "
         f"{args.max_new_tokens} new tokens, {args.steps} steps, student {args.student}",
         "",
-        "| run | step time (median) | vs 1 process | peak memory per rank | tokens/step | KL at last step |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| run | step time (median) | vs 1 process | peak RSS per rank | weights + grads + AdamW per rank "
+        "| tokens/step | KL at last step |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['arm']} | {r['step_s']:.2f} s | {base / r['step_s']:.2f}× | {r['peak_mib_per_rank']:.0f} MiB "
-            f"| {r['tokens_per_step']:.0f} | {r['last_kl']:.3f} |"
+            f"| {r['state_mib_per_rank']:.0f} MiB | {r['tokens_per_step']:.0f} | {r['last_kl']:.3f} |"
         )
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from opd_student import chunk_train, losses
 from opd_student.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from opd_student.config import TrainConfig
-from opd_student.distributed import gradient_sync, peak_memory_mib, plain_float
+from opd_student.distributed import gradient_sync, peak_memory_mib, plain_float, state_mib
 from opd_student.eval import evaluate
 from opd_student.methods.teacher_metrics import TeacherMetrics
 from opd_student.metrics_log import MetricsLog
@@ -175,6 +175,7 @@ def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
                 "tokens_per_s": tokens
                 / max(1e-9, sum(v for k, v in metrics.items() if k.startswith("time/"))),
                 "mem/peak_mib": world.max(peak_memory_mib(ctx.device)),  # the largest rank's
+                "mem/state_mib": world.max(state_mib(model, optimizer)),
             }
         )
         _log(metrics_log, metrics)
