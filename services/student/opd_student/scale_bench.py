@@ -42,15 +42,20 @@ def main(args: argparse.Namespace) -> None:
     key = secrets.token_urlsafe(16)
     print("starting the teacher service (embedded default teacher)...", flush=True)
     teacher = start_teacher(out / "teacher", api_key=key)
-    arms = [("1 process", 1, "ddp"), (f"{args.procs} × DDP", args.procs, "ddp")]
-    arms.append((f"{args.procs} × FSDP2", args.procs, "fsdp"))
+    # (name, processes, parallel, OMP threads per process). torchrun gives each rank one thread; the
+    # one-thread single process shows what the thread count alone changes.
+    arms = [("1 process", 1, "ddp", None), ("1 process, 1 thread", 1, "ddp", "1")]
+    arms += [
+        (f"{args.procs} × DDP", args.procs, "ddp", None),
+        (f"{args.procs} × FSDP2", args.procs, "fsdp", None),
+    ]
     results = []
     try:
-        for name, procs, parallel in arms:
+        for name, procs, parallel, threads in arms:
             print(f"--- {name}", flush=True)
-            run_dir = out / name.replace(" ", "").replace("×", "x")
+            run_dir = out / name.replace(" ", "").replace("×", "x").replace(",", "-")
             started = time.perf_counter()
-            _train(args, teacher.http_url, key, run_dir, procs, parallel)
+            _train(args, teacher.http_url, key, run_dir, procs, parallel, threads)
             results.append({"arm": name, "wall_s": time.perf_counter() - started, **_summary(run_dir)})
     finally:
         teacher.stop()
@@ -61,7 +66,7 @@ def main(args: argparse.Namespace) -> None:
         args.json_out.write_text(json.dumps(results, indent=2) + "\n")
 
 
-def _train(args, url: str, key: str, run_dir: Path, procs: int, parallel: str) -> None:
+def _train(args, url: str, key: str, run_dir: Path, procs: int, parallel: str, threads: str | None) -> None:
     launcher = [sys.executable, "-m", "opd_cli.main"]
     if procs > 1:
         launcher = [
@@ -75,6 +80,8 @@ def _train(args, url: str, key: str, run_dir: Path, procs: int, parallel: str) -
         "--parallel", parallel, "--eval-num-prompts", "8", "--save-every", "0",
     ]  # fmt: skip
     env = {**os.environ, "OPD_TEACHER_API_KEY": key}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = threads
     log = run_dir.with_suffix(".log")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
