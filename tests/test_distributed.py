@@ -18,7 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from conftest import DEFAULT
+from transformers import AutoModelForCausalLM
 
 from helpers import make_tiny_model, start_teacher
 from opd_client.endpoints import Endpoints
@@ -68,7 +70,8 @@ def train(
             "--master-port", str(free_port()),
             "-m", "opd_cli.main",
         ]  # fmt: skip
-    cmd = [*launcher, "train", "--teacher-url", url, "--student", str(student), "--out", str(out), *SETTINGS]
+    teacher = ["--teacher-url", url] if url else []  # none: `opd train` starts a local teacher
+    cmd = [*launcher, "train", *teacher, "--student", str(student), "--out", str(out), *SETTINGS]
     env = {**os.environ, "OPD_TEACHER_API_KEY": api_key}
     if threads is not None:
         env["OMP_NUM_THREADS"] = threads
@@ -171,6 +174,21 @@ def test_ranks_spread_teacher_traffic_over_replicas(teacher, second_replica, stu
     after = [_scored_tokens(teacher.http_url), _scored_tokens(second_replica.http_url)]
     gained = [a - b for a, b in zip(after, before, strict=True)]
     assert all(g > 0 for g in gained), gained
+
+
+def test_local_teacher_and_lora_under_fsdp(student_dir, tmp_path):
+    """No --teacher-url: rank 0 starts the teacher and shares its address and key; LoRA adapters sharded by
+    FSDP2 are gathered and merged into a plain final/ model."""
+    out = tmp_path / "run"
+    log = train("", "", student_dir, out, "--steps", "2", "--parallel", "fsdp", "--lora", procs=2)
+    assert log.count("starting a local teacher service") == 1
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    names = [n for n, _ in model.named_parameters()]
+    assert names and not any("lora" in n for n in names)
+    trained = dict(model.named_parameters())
+    initial = dict(AutoModelForCausalLM.from_pretrained(student_dir).named_parameters())
+    moved = [n for n in names if not torch.equal(trained[n], initial[n])]
+    assert any("q_proj" in n for n in moved), moved  # the merged adapters changed the attention weights
 
 
 def test_rotation_starts_at_the_rank():
