@@ -148,8 +148,8 @@ def wrap_student(lm: torch.nn.Module, parallel: str, world: World) -> torch.nn.M
 def _unsharded_generate(scorer):
     """generate() with every parameter gathered once for the whole decode.
 
-    Left to FSDP, each decoding step would all-gather every layer again (measured ~4× slower sampling
-    with 2 CPU ranks) and every rank would have to decode in lockstep. Sampling needs no gradients, so the
+    Left to FSDP, every generated token would all-gather every layer again, and every rank would have to
+    decode in lockstep (each of those gathers is a collective). Sampling needs no gradients, so the
     full weights are gathered once, kept for the decode, and resharded after: for the length of a
     decode a rank holds the whole model, as DDP does all the time.
     """
