@@ -305,22 +305,22 @@ def tiny_student(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("student") / "tiny", layers=2, seed=1)
 
 
+def _train(blackbox, student, out, *args: str) -> subprocess.CompletedProcess:
+    """`opd train` against the black-box teacher service, with its key."""
+    cmd = [sys.executable, "-m", "opd_cli.main", "train", "--teacher-url", blackbox.http_url]
+    cmd += ["--student", str(student), "--out", str(out), *args]
+    env = {**os.environ, "OPD_TEACHER_API_KEY": blackbox.api_key}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_train_chunk_loss_runs_through_the_real_api_and_logs_api_tokens(blackbox, tiny_student, tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "opd_cli.main", "train", "--teacher-url", blackbox.http_url,
-        "--student", str(tiny_student), "--out", str(out), "--loss", "chunk", "--steps", "2",
+    r = _train(
+        blackbox, tiny_student, out, "--loss", "chunk", "--steps", "2",
         "--prompts-per-step", "2", "--samples-per-prompt", "1", "--max-new-tokens", "8",
         "--chunk-num", "2", "--chunk-tokens", "3", "--chunk-samples", "2", "--no-chunk-baseline",
         "--eval-num-prompts", "2", "--eval-max-new-tokens", "6", "--lr", "1e-2",
-    ]  # fmt: skip
-    r = subprocess.run(
-        cmd,
-        env={**os.environ, "OPD_TEACHER_API_KEY": blackbox.api_key},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     records = read_metrics(out / "metrics.jsonl")
     steps = [x for x in records if not x.get("eval")]
@@ -341,17 +341,7 @@ def test_train_chunk_loss_runs_through_the_real_api_and_logs_api_tokens(blackbox
 def test_train_with_a_logprob_loss_against_a_black_box_teacher_is_a_clear_error(
     blackbox, tiny_student, tmp_path
 ):
-    cmd = [
-        sys.executable, "-m", "opd_cli.main", "train", "--teacher-url", blackbox.http_url,
-        "--student", str(tiny_student), "--out", str(tmp_path / "run"), "--loss", "reverse_kl",
-    ]  # fmt: skip
-    r = subprocess.run(
-        cmd,
-        env={**os.environ, "OPD_TEACHER_API_KEY": blackbox.api_key},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = _train(blackbox, tiny_student, tmp_path / "run", "--loss", "reverse_kl")
     assert r.returncode != 0 and "is black-box" in r.stderr and "--loss chunk" in r.stderr, r.stderr[-2000:]
 
 

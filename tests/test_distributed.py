@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM
 from helpers import make_tiny_model, start_teacher
 from opd_client.endpoints import Endpoints
 from opd_client.launch import free_port
+from opd_student.distributed import opd_command
 from opd_student.metrics_log import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -61,17 +62,8 @@ def second_replica(tmp_path_factory):
 def train(
     url: str, api_key: str, student: Path, out: Path, *args: str, procs: int = 1, threads: str | None = None
 ) -> str:
-    launcher = [sys.executable, "-m", "opd_cli.main"]
-    if procs > 1:
-        launcher = [
-            sys.executable, "-m", "torch.distributed.run",
-            "--nproc-per-node", str(procs),
-            "--master-addr", "127.0.0.1",
-            "--master-port", str(free_port()),
-            "-m", "opd_cli.main",
-        ]  # fmt: skip
     teacher = ["--teacher-url", url] if url else []  # none: `opd train` starts a local teacher
-    cmd = [*launcher, "train", *teacher, "--student", str(student), "--out", str(out), *SETTINGS]
+    cmd = [*opd_command(procs), "train", *teacher, "--student", str(student), "--out", str(out), *SETTINGS]
     env = {**os.environ, "OPD_TEACHER_API_KEY": api_key}
     if threads is not None:
         env["OMP_NUM_THREADS"] = threads
@@ -153,10 +145,9 @@ def test_two_nodes_on_loopback(teacher, student_dir, tmp_path, one_process):
     launchers = []
     for node in (0, 1):
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
-            "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-            "-m", "opd_cli.main", "train", "--teacher-url", teacher.http_url, "--student", str(student_dir),
-            "--out", str(out), "--steps", "2", "--parallel", "ddp", *SETTINGS,
+            *opd_command(procs=1, nnodes=2, node_rank=node, port=port), "train", "--teacher-url",
+            teacher.http_url, "--student", str(student_dir), "--out", str(out), "--steps", "2", "--parallel",
+            "ddp", *SETTINGS,
         ]  # fmt: skip
         env = {**os.environ, "OPD_TEACHER_API_KEY": teacher.api_key}
         launchers.append(

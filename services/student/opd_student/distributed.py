@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -94,6 +95,20 @@ def world_from_env() -> World:
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         local_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(size))),
     )
+
+
+def opd_command(procs: int = 1, nnodes: int = 1, node_rank: int = 0, port: int | None = None) -> list[str]:
+    """The command that runs `opd ...`: plainly for one process, else under torchrun with `procs` ranks per
+    node and the rendezvous on loopback (benchmarks and tests; `port` must be shared by all nodes)."""
+    if procs == 1 and nnodes == 1:
+        return [sys.executable, "-m", "opd_cli.main"]
+    from opd_client.launch import free_port
+
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),
+        "--nproc-per-node", str(procs), "--master-addr", "127.0.0.1", "--master-port", str(port or free_port()),
+        "-m", "opd_cli.main",
+    ]  # fmt: skip
 
 
 def init_process_group(world: World, device: torch.device, timeout_s: float = 1800.0) -> None:

@@ -13,11 +13,11 @@ import os
 import secrets
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from opd_client.launch import free_port, start_teacher
+from opd_client.launch import start_teacher
+from opd_student.distributed import opd_command
 from opd_student.metrics_log import read_metrics
 
 
@@ -67,14 +67,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 def _train(args, url: str, key: str, run_dir: Path, procs: int, parallel: str, threads: str | None) -> None:
-    launcher = [sys.executable, "-m", "opd_cli.main"]
-    if procs > 1:
-        launcher = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "opd_cli.main",
-        ]  # fmt: skip
     cmd = [
-        *launcher, "train", "--teacher-url", url, "--student", args.student, "--out", str(run_dir),
+        *opd_command(procs), "train", "--teacher-url", url, "--student", args.student, "--out", str(run_dir),
         "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step),
         "--samples-per-prompt", str(args.samples_per_prompt), "--max-new-tokens", str(args.max_new_tokens),
         "--parallel", parallel, "--eval-num-prompts", "8", "--save-every", "0",
