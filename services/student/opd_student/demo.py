@@ -29,7 +29,7 @@ DEMO = dict(
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="distil the default student from the default teacher, end to end")
-    p.add_argument("--steps", type=int, default=DEMO["steps"])
+    p.add_argument("--steps", type=int, default=DEMO["steps"], help="optimizer steps (default: %(default)s)")
     p.add_argument(
         "--loss", default=DEMO["loss"], help="reverse_kl | topk_forward_kl | student_topk_reverse_kl | jsd"
     )
