@@ -13,7 +13,7 @@ from pathlib import Path
 
 from opd_student.config import TrainConfig
 
-# Settings that finish in about 10 minutes on 2 CPU cores (measured: docs/benchmarks.md).
+# Settings that finish in about 5 minutes on 2 CPU cores (measured: docs/benchmarks.md).
 DEMO = dict(
     steps=24,
     prompts_per_step=4,
@@ -47,9 +47,18 @@ def main(args: argparse.Namespace) -> None:
     if args.resume and not args.out:
         raise SystemExit("error: --resume needs --out RUN_DIR (the demo to continue)")
     out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
-    cfg = TrainConfig(
-        **{**DEMO, "steps": args.steps, "loss": args.loss, "out": str(out), "teacher_url": args.teacher_url}
-    )
+    try:
+        cfg = TrainConfig(
+            **{
+                **DEMO,
+                "steps": args.steps,
+                "loss": args.loss,
+                "out": str(out),
+                "teacher_url": args.teacher_url,
+            }
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     started = time.perf_counter()
     run_dir = train(cfg, resume=args.resume)
     evals = [r for r in read_metrics(run_dir) if r.get("eval")]
