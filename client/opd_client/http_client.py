@@ -53,7 +53,7 @@ class HttpTeacherClient:
         self.base_url = self.endpoints.label
         self.retry = retry
         self.timeout = timeout
-        self._http = httpx.Client(headers=wire.headers(api_key, timeout), timeout=timeout)
+        self._http = httpx.Client(headers=wire.default_headers(api_key, timeout), timeout=timeout)
 
     def ready(self) -> bool:
         """True when a teacher answers /health/ready with 200; False if none is ready or reachable."""
@@ -150,7 +150,7 @@ class AsyncHttpTeacherClient:
         self.base_url = self.endpoints.label
         self.retry = retry
         self.timeout = timeout
-        self._http = httpx.AsyncClient(headers=wire.headers(api_key, timeout), timeout=timeout)
+        self._http = httpx.AsyncClient(headers=wire.default_headers(api_key, timeout), timeout=timeout)
 
     async def ready(self) -> bool:
         for url in self.endpoints.replicas():

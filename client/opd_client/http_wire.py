@@ -52,7 +52,7 @@ class Request:
 # ---- requests ---------------------------------------------------------------------------------------
 
 
-def headers(api_key: str | None, timeout: float) -> dict[str, str]:
+def default_headers(api_key: str | None, timeout: float) -> dict[str, str]:
     # The server drops a queued request once we stop waiting for it (X-Request-Timeout).
     headers = {"Accept": JSON, "X-Request-Timeout": f"{timeout:g}"}
     if api_key:
