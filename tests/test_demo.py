@@ -14,8 +14,11 @@ import sys
 import pytest
 
 # The held-out KL before training that docs/benchmarks.md reports for `opd demo`. Evaluation is seeded per
-# prompt, so it is reproducible; the thread count moves the last digits by a few 1e-3 (docs/scale.md).
+# prompt, so it is reproducible here; the thread count moves the last digits by a few 1e-3 (docs/scale.md)
+# and another CPU's kernels may flip a near-tied sampled token, hence the tolerance. Another student, prompt
+# set or evaluation moves it by more (a student with other layers removed started at 2.06, docs/benchmarks.md).
 DOCUMENTED_START_KL = 1.708
+START_KL_TOLERANCE = 0.05
 
 
 def opd(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -39,7 +42,7 @@ def test_demo_distils_evaluates_and_reports(tmp_path):
     # what it prints is what it measured
     assert float(printed.group(1)) == pytest.approx(evals[0]["eval/reverse_kl"], abs=5e-4)
     assert float(printed.group(2)) == pytest.approx(evals[-1]["eval/reverse_kl"], abs=5e-4)
-    assert evals[0]["eval/reverse_kl"] == pytest.approx(DOCUMENTED_START_KL, abs=0.02)
+    assert evals[0]["eval/reverse_kl"] == pytest.approx(DOCUMENTED_START_KL, abs=START_KL_TOLERANCE)
     for name in ("report.png", "summary.md", "final/config.json", "config.json"):
         assert (out / name).is_file(), name
     assert list((out / "final").glob("*.safetensors"))
