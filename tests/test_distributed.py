@@ -4,6 +4,7 @@
   rollouts (sampling is seeded per rollout, so tokens are equal exactly) and losses within 1e-3.
 - A checkpoint written by 2 ranks (FSDP2 shards) resumes in 1 process and continues as the 1-process run.
 - Two teacher replicas both receive scoring traffic from the two ranks.
+- With prompts routed to two teachers, the per-teacher metrics are the whole step's, as in 1 process.
 - Two "machines" (`--nnodes 2`, both on loopback) train as one run.
 """
 
@@ -180,6 +181,29 @@ def test_local_teacher_and_lora_under_fsdp(student_dir, tmp_path):
     initial = dict(AutoModelForCausalLM.from_pretrained(student_dir).named_parameters())
     moved = [n for n in names if not torch.equal(trained[n], initial[n])]
     assert any("q_proj" in n for n in moved), moved  # the merged adapters changed the attention weights
+
+
+def test_per_teacher_numbers_are_summed_over_ranks(teacher, student_dir, tmp_path):
+    """Prompts routed to two teachers: each rank sees some of each teacher's rollouts; the per-teacher
+    metrics rank 0 writes are the whole step's, as one process computes them."""
+    routing = ["--teacher-rules", "(?i)^what => tiny", "--steps", "2", "--eval-num-prompts", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(teacher.http_url, teacher.api_key, student_dir, one, *routing, threads="1")
+    train(teacher.http_url, teacher.api_key, student_dir, two, *routing, "--parallel", "ddp", procs=2)
+    seen = set()
+    for ref, got in zip(steps(one), steps(two), strict=True):
+        names = sorted(k.removeprefix("teacher/tokens/") for k in ref if k.startswith("teacher/tokens/"))
+        assert names == sorted(
+            k.removeprefix("teacher/tokens/") for k in got if k.startswith("teacher/tokens/")
+        )
+        for name in names:
+            for key in ("teacher/tokens", "teacher/rollouts"):
+                assert got[f"{key}/{name}"] == ref[f"{key}/{name}"], (name, ref, got)
+            for key in ("kl/sampled_reverse", "teacher/logprob"):
+                assert got[f"{key}/{name}"] == pytest.approx(ref[f"{key}/{name}"], abs=LOSS_TOLERANCE)
+        assert sum(ref[f"teacher/tokens/{n}"] for n in names) == ref["tokens"]
+        seen.update(n for n in names if ref[f"teacher/tokens/{n}"] > 0)
+    assert seen == {DEFAULT, "tiny"}
 
 
 def test_rotation_starts_at_the_rank():

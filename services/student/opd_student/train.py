@@ -329,7 +329,7 @@ def _optimizer_step(cfg: TrainConfig, ctx: RunContext, optimizer, scheduler, bat
         "grad_norm": plain_float(grad_norm),
         "completion_len": total_tokens / n_rollouts,
         **weights.metrics(),
-        **(per_teacher.record() if per_teacher is not None else {}),
+        **(per_teacher.record(world) if per_teacher is not None else {}),
     }
 
 

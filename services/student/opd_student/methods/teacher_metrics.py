@@ -2,7 +2,8 @@
 
 Keys (NAME = the teacher's name, "default" for the service's first): `kl/sampled_reverse/NAME` (mean
 log q − log p over that teacher's tokens; `opd report` plots it next to the overall KL),
-`teacher/logprob/NAME`, `teacher/tokens/NAME`, `teacher/rollouts/NAME`.
+`teacher/logprob/NAME`, `teacher/tokens/NAME`, `teacher/rollouts/NAME`. Under torchrun they are the sums
+over all ranks, as the overall numbers are.
 """
 
 from __future__ import annotations
@@ -30,9 +31,16 @@ class TeacherMetrics:
             sums[2] += float(tokens_B[b])
             sums[3] += 1
 
-    def record(self) -> dict[str, float | int]:
+    def record(self, world=None) -> dict[str, float | int]:
+        """The step's numbers per teacher; with a `world` (distributed.World), over all its ranks."""
+        sums = self._sums
+        if world is not None and world.distributed:
+            # Ranks may have seen different teachers: agree on the names, then sum one flat vector.
+            names = sorted(set().union(*world.gather(set(sums))))
+            flat = world.sum([v for n in names for v in sums.get(n, [0.0, 0.0, 0.0, 0.0])])
+            sums = {n: flat[4 * i : 4 * i + 4] for i, n in enumerate(names)}
         out: dict[str, float] = {}
-        for name, (kl, lp, tokens, rollouts) in sorted(self._sums.items()):
+        for name, (kl, lp, tokens, rollouts) in sorted(sums.items()):
             out[f"kl/sampled_reverse/{name}"] = kl / max(tokens, 1.0)
             out[f"teacher/logprob/{name}"] = lp / max(tokens, 1.0)
             out[f"teacher/tokens/{name}"] = int(tokens)
