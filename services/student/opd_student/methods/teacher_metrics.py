@@ -8,8 +8,13 @@ over all ranks, as the overall numbers are.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from opd_student.distributed import World
 
 
 class TeacherMetrics:
@@ -31,7 +36,7 @@ class TeacherMetrics:
             sums[2] += float(tokens_B[b])
             sums[3] += 1
 
-    def record(self, world=None) -> dict[str, float | int]:
+    def record(self, world: World | None = None) -> dict[str, float | int]:
         """The step's numbers per teacher; with a `world` (distributed.World), over all its ranks."""
         sums = self._sums
         if world is not None and world.distributed:
