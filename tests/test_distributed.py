@@ -5,6 +5,7 @@
 - A checkpoint written by 2 ranks (FSDP2 shards) resumes in 1 process and continues as the 1-process run.
 - Two teacher replicas both receive scoring traffic from the two ranks.
 - With prompts routed to two teachers, the per-teacher metrics are the whole step's, as in 1 process.
+- FiRe and TA-OPD select over the whole step: 2 ranks select and step as 1 process.
 - Two "machines" (`--nnodes 2`, both on loopback) train as one run.
 """
 
@@ -204,6 +205,32 @@ def test_per_teacher_numbers_are_summed_over_ranks(teacher, student_dir, tmp_pat
         assert sum(ref[f"teacher/tokens/{n}"] for n in names) == ref["tokens"]
         seen.update(n for n in names if ref[f"teacher/tokens/{n}"] > 0)
     assert seen == {DEFAULT, "tiny"}
+
+
+def test_method_selections_are_made_over_the_whole_step(teacher, student_dir, tmp_path):
+    """FiRe's dropped rollouts and TA-OPD's top fraction are chosen among all ranks' rollouts and tokens,
+    so 2 ranks select what 1 process selects and take the same steps."""
+    methods = [
+        "--fire-opd",
+        "--fire-drop-fraction",
+        "0.25",
+        "--ta-opd",
+        "--ta-fraction",
+        "0.25",
+        "--steps",
+        "2",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(
+        teacher.http_url, teacher.api_key, student_dir, one, *methods, "--eval-num-prompts", "2", threads="1"
+    )
+    train(teacher.http_url, teacher.api_key, student_dir, two, *methods, "--eval-num-prompts", "2", procs=2)
+    for ref, got in zip(steps(one), steps(two), strict=True):
+        assert ref["select/rollouts_dropped"] == 2  # 8 rollouts a step
+        for key in ("select/tokens", "select/rollouts_dropped", "tokens"):
+            assert got[key] == ref[key], (key, ref, got)
+        for key in ("loss", "kl/sampled_reverse", "select/teachability_chosen_mean", "select/weight_mean"):
+            assert got[key] == pytest.approx(ref[key], abs=LOSS_TOLERANCE), (key, ref, got)
 
 
 def test_rotation_starts_at_the_rank():

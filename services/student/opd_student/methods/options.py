@@ -101,7 +101,7 @@ class MethodOptions:
     # --- the optimizer step
 
     def step_weights(self, ctx, rollouts: list[Rollout], scores: list[SequenceScores]) -> StepWeights:
-        weights = StepWeights(self.cfg, rollouts, scores, ctx.tokenizer, self.mask_rule)
+        weights = StepWeights(self.cfg, rollouts, scores, ctx.tokenizer, self.mask_rule, ctx.world)
         if self.cfg.ta_opd:
             taus = teachability_pass(
                 self.cfg, ctx.student, ctx.tokenizer.pad_token_id, rollouts, scores, ctx.bf16

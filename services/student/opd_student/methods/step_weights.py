@@ -11,9 +11,15 @@ after the last micro-batch when the weights depend on the student (FiRe), and gr
 loss, so this gives exactly the gradient of the weighted mean.
 
 With no method on, `active` is False and the trainer's arithmetic is untouched.
+
+Under torchrun each rank holds a contiguous share of the step's rollouts. FiRe's dropped rollouts and
+TA-OPD's top fraction are chosen over the whole step: every rank gathers all ranks' scores (a few floats
+per rollout or token), makes the 1-process choice on their concatenation and keeps its own slice.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -24,6 +30,9 @@ from opd_student.methods.teachability import teachability, top_fraction
 from opd_student.methods.token_mask import TokenMaskRule
 from opd_student.rollouts import Rollout, TeacherTensors, pack, student_logprobs, teacher_tensors, unwrap
 
+if TYPE_CHECKING:
+    from opd_student.distributed import World
+
 
 class StepWeights:
     def __init__(
@@ -33,8 +42,10 @@ class StepWeights:
         scores: list[SequenceScores],
         tokenizer,
         mask_rule: TokenMaskRule,
+        world: World | None = None,
     ) -> None:
         self.cfg = cfg
+        self.world = world
         self.rollouts = rollouts
         spans_given = any(r.loss_spans for r in rollouts)
         self.restricts = mask_rule.is_global or spans_given
@@ -54,21 +65,32 @@ class StepWeights:
                     self.static_N_T[i] *= torch.tensor(keep, dtype=torch.float32)
         if self.fire and cfg.fire_drop_fraction > 0:
             means_N = teacher_mean_logprobs([torch.from_numpy(s.token_logprobs_T) for s in scores])
-            keep_N = rollout_keep_mask(means_N, cfg.fire_drop_fraction)
-            self.dropped_rollouts = int((~keep_N).sum())
+            all_means, mine = self._whole_step(means_N)
+            keep_all = rollout_keep_mask(all_means, cfg.fire_drop_fraction)
+            self.dropped_rollouts = int((~keep_all).sum())  # the step's, on every rank
+            keep_N = keep_all[mine]
             for i in torch.nonzero(~keep_N).flatten().tolist():
                 self.static_N_T[i].zero_()
 
     def select_teachable(self, teachability_N_T: list[Tensor]) -> None:
         """TA-OPD: keep the top `ta_fraction` of the still-eligible tokens of the step by teachability."""
-        scores = torch.cat(teachability_N_T)
-        eligible = torch.cat(self.static_N_T) > 0
+        scores, mine = self._whole_step(torch.cat(teachability_N_T))
+        eligible, _ = self._whole_step(torch.cat(self.static_N_T) > 0)
         chosen = top_fraction(scores, eligible, self.cfg.ta_fraction)
-        if eligible.any():
+        if eligible.any():  # the step's means, on every rank
             self.teachability_all = float(scores[eligible].mean())
             self.teachability_chosen = float(scores[chosen].mean())
+        chosen = chosen[mine]
         for i, part in enumerate(chosen.split([len(s) for s in self.static_N_T])):
             self.static_N_T[i] *= part.float()
+
+    def _whole_step(self, local_N: Tensor) -> tuple[Tensor, slice]:
+        """All ranks' entries concatenated in rank order (= the 1-process order), and where ours are."""
+        if self.world is None or not self.world.distributed:
+            return local_N, slice(0, len(local_N))
+        parts = self.world.gather(local_N)
+        start = sum(len(part) for part in parts[: self.world.rank])
+        return torch.cat(parts), slice(start, start + len(local_N))
 
     def micro_batch(
         self, idx: list[int], logprobs_B_T_V: Tensor, teacher: TeacherTensors, mask_B_T: Tensor
