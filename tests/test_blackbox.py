@@ -22,6 +22,7 @@ from opd_client import GrpcTeacherClient, HttpTeacherClient, convert, schema
 from opd_client.embedded import embedded_teacher_dir
 from opd_student import losses
 from opd_student.chunk_train import token_pieces
+from opd_student.distributed import opd_command
 from opd_student.metrics_log import read_metrics
 from opd_teacher.chunks import TeacherToken, pick_chunks, smoothed_reward, verify_chunk
 from opd_teacher.similarity import edit_similarity, embedding_model_dir
@@ -305,11 +306,16 @@ def tiny_student(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("student") / "tiny", layers=2, seed=1)
 
 
-def _train(blackbox, student, out, *args: str) -> subprocess.CompletedProcess:
-    """`opd train` against the black-box teacher service, with its key."""
-    cmd = [sys.executable, "-m", "opd_cli.main", "train", "--teacher-url", blackbox.http_url]
+def _train(
+    blackbox, student, out, *args: str, procs: int = 1, threads: str | None = None
+) -> subprocess.CompletedProcess:
+    """`opd train` against the black-box teacher service, with its key (under torchrun when procs > 1)."""
+    launcher = [sys.executable, "-m", "opd_cli.main"] if procs == 1 else opd_command(procs)
+    cmd = [*launcher, "train", "--teacher-url", blackbox.http_url]
     cmd += ["--student", str(student), "--out", str(out), *args]
     env = {**os.environ, "OPD_TEACHER_API_KEY": blackbox.api_key}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = threads
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -336,6 +342,34 @@ def test_train_chunk_loss_runs_through_the_real_api_and_logs_api_tokens(blackbox
     after = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert json.loads((out / "config.json").read_text())["loss"] == "chunk"
+
+
+@pytest.mark.slow
+def test_train_chunk_loss_on_two_ranks_takes_the_one_process_steps(blackbox, tiny_student, tmp_path):
+    """With a greedy teacher (temperature 0: its continuations do not depend on the run) 2 FSDP2 ranks,
+    each scoring half the rollouts, take the steps of 1 process: same chunks, rewards, baseline and loss."""
+    settings = [
+        "--loss", "chunk", "--steps", "2", "--prompts-per-step", "2", "--samples-per-prompt", "2",
+        "--max-new-tokens", "8", "--micro-batch-size", "2", "--chunk-num", "2", "--chunk-tokens", "3",
+        "--chunk-samples", "2", "--chunk-teacher-temperature", "0", "--chunk-kl-coef", "0.1",
+        "--eval-num-prompts", "2", "--eval-max-new-tokens", "6", "--lr", "1e-2",
+    ]  # fmt: skip
+    runs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"procs-{procs}"
+        r = _train(blackbox, tiny_student, out, *settings, procs=procs, threads="1")
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+        runs[procs] = read_metrics(out / "metrics.jsonl")
+    one, two = runs[1], runs[2]
+    assert [x["step"] for x in two] == [x["step"] for x in one] == [0, 1, 2, 2]  # eval, 2 steps, eval
+    for ref, got in zip(one, two, strict=True):
+        exact = [k for k in ref if k.endswith(("chunks", "tokens", "rollouts", "eval/prompts"))]
+        for key in exact:
+            assert got[key] == ref[key], (key, ref, got)
+        for key in ("loss", "chunk/reward", "chunk/baseline", "kl/initial", "eval/chunk_reward"):
+            if key in ref:
+                assert got[key] == pytest.approx(ref[key], abs=1e-5), (key, ref, got)
+    assert one[1]["chunk/chunks"] == 4 * 2 and one[1]["chunk/baseline"] != 0  # 4 rollouts, 2 chunks each
 
 
 def test_train_with_a_logprob_loss_against_a_black_box_teacher_is_a_clear_error(

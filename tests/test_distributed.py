@@ -91,6 +91,7 @@ def assert_same_steps(reference: list[dict], run: list[dict], upto: int) -> None
     assert [r["step"] for r in run] == [r["step"] for r in reference]
     for ref, got in zip(reference[:upto], run[:upto], strict=True):
         assert got["tokens"] == ref["tokens"] and got["rollouts"] == ref["rollouts"], (ref, got)
+        assert (got["gen/tokens"], got["gen/max_len"]) == (ref["gen/tokens"], ref["gen/max_len"]), (ref, got)
         assert got["loss"] == pytest.approx(ref["loss"], abs=LOSS_TOLERANCE), (ref, got)
         assert got["kl/sampled_reverse"] == pytest.approx(ref["kl/sampled_reverse"], abs=LOSS_TOLERANCE)
     assert reference[0]["kl/sampled_reverse"] > 1.0  # a signal worth matching, not two near-zero numbers

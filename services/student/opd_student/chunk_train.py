@@ -9,7 +9,8 @@ each chunk's prefix N times, and rewards the chunk by how many continuations say
     Σ_chunks −(r_c − b) · Σ_{t ∈ c} log q(x_t)  +  β · Σ_{t ∉ chunks} KL(q_t ‖ q0_t)
 
 r_c the chunk's reward, b the step's mean reward (chunk_baseline), q0 the initial student (frozen), β =
-chunk_kl_coef; all divided by the step's completion tokens, as the other losses.
+chunk_kl_coef; all divided by the step's completion tokens, as the other losses. Under torchrun each rank
+scores its share of the rollouts; the baseline, the token count and the logged numbers are the whole step's.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 from opd_client.schema import ChunkScoreRequest, ChunkScoreResponse
 from opd_student import losses
 from opd_student.config import TrainConfig
+from opd_student.distributed import SINGLE, World, gradient_sync, plain_float
 from opd_student.prompts import Prompt, render
-from opd_student.rollouts import Rollout, pack, sample_completions, student_logprobs
+from opd_student.rollouts import Rollout, pack, sample_completions, student_logprobs, unwrap
 
 
 def token_pieces(tokenizer, ids: list[int]) -> list[str]:
@@ -63,7 +65,7 @@ def student_entropies(lm, rollouts: list[Rollout], pad_token_id: int, micro_batc
     for start in range(0, len(rollouts), micro_batch):
         chunk = rollouts[start : start + micro_batch]
         batch = pack(chunk, pad_token_id)
-        with torch.autocast(lm.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(unwrap(lm).device.type, dtype=torch.bfloat16, enabled=bf16):
             logprobs_B_T_V = student_logprobs(lm, batch).float()
         entropy_B_T = -(logprobs_B_T_V.exp() * logprobs_B_T_V).sum(-1).cpu()
         out += [entropy_B_T[b, : len(r.completion_ids)].tolist() for b, r in enumerate(chunk)]
@@ -108,30 +110,38 @@ def chunk_optimizer_step(
     cfg: TrainConfig, ctx, optimizer, scheduler, rollouts: list[Rollout], responses: list[ChunkScoreResponse]
 ) -> dict:
     """One optimiser step of the chunk loss (gradient accumulation over micro-batches, as in train.py)."""
-    rewards = [chunk_reward(cfg, c) for r in responses for c in r.chunks]
+    world = ctx.world
+    everyone = _all_ranks(world, responses)  # the whole step's chunks: baseline and metrics
+    rewards = [chunk_reward(cfg, c) for r in everyone for c in r.chunks]
     baseline = float(np.mean(rewards)) if cfg.chunk_baseline and rewards else 0.0
-    total_tokens = sum(len(r.completion_ids) for r in rollouts)
+    total_tokens = world.sum([sum(len(r.completion_ids) for r in rollouts)])[0]
     loss_sum = kl_sum = outside_tokens = 0.0
     optimizer.zero_grad(set_to_none=True)
-    for start in range(0, len(rollouts), cfg.micro_batch_size):
+    starts = range(0, len(rollouts), cfg.micro_batch_size)  # the same count on every rank
+    for start in starts:
         idx = range(start, min(start + cfg.micro_batch_size, len(rollouts)))
         mb = pack([rollouts[i] for i in idx], ctx.tokenizer.pad_token_id)
         weights_B_T, chunk_B_T = chunk_weights(cfg, [responses[i] for i in idx], mb.mask_B_T.shape, baseline)
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
-            logprobs_B_T_V = student_logprobs(ctx.lm, mb)
-        logprobs_B_T_V = logprobs_B_T_V.cpu() if logprobs_B_T_V.device.type != "cpu" else logprobs_B_T_V
-        q_tok_B_T = logprobs_B_T_V.gather(-1, mb.targets_B_T[..., None])[..., 0]
-        per_token_B_T = losses.chunk_weighted_nll(q_tok_B_T, weights_B_T, chunk_B_T)
-        outside_B_T = mb.mask_B_T * (1.0 - chunk_B_T)
-        if cfg.chunk_kl_coef > 0 and ctx.reference is not None:
-            with torch.no_grad(), torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
-                reference_B_T_V = student_logprobs(ctx.reference, mb).cpu()
-            kl_B_T = losses.reverse_kl_to_reference(logprobs_B_T_V, reference_B_T_V, outside_B_T)
-            per_token_B_T = per_token_B_T + cfg.chunk_kl_coef * kl_B_T
-            kl_sum += kl_B_T.sum().item()
-        losses.token_mean(per_token_B_T, total_tokens).backward()
+        with gradient_sync(ctx.student, enabled=start == starts[-1]):
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
+                logprobs_B_T_V = student_logprobs(ctx.student, mb)
+            logprobs_B_T_V = logprobs_B_T_V.cpu() if logprobs_B_T_V.device.type != "cpu" else logprobs_B_T_V
+            q_tok_B_T = logprobs_B_T_V.gather(-1, mb.targets_B_T[..., None])[..., 0]
+            per_token_B_T = losses.chunk_weighted_nll(q_tok_B_T, weights_B_T, chunk_B_T)
+            outside_B_T = mb.mask_B_T * (1.0 - chunk_B_T)
+            if cfg.chunk_kl_coef > 0 and ctx.reference is not None:
+                with torch.no_grad(), torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
+                    reference_B_T_V = student_logprobs(ctx.reference, mb).cpu()
+                kl_B_T = losses.reverse_kl_to_reference(logprobs_B_T_V, reference_B_T_V, outside_B_T)
+                per_token_B_T = per_token_B_T + cfg.chunk_kl_coef * kl_B_T
+                kl_sum += kl_B_T.sum().item()
+            # DDP and FSDP average gradients over ranks; × world size makes that the sum over all tokens.
+            (losses.token_mean(per_token_B_T, total_tokens) * world.size).backward()
         loss_sum += per_token_B_T.sum().item()
         outside_tokens += outside_B_T.sum().item()
+    loss_sum, kl_sum, outside_tokens, n_rollouts = world.sum(
+        [loss_sum, kl_sum, outside_tokens, len(rollouts)]
+    )
     grad_norm = torch.nn.utils.clip_grad_norm_(
         [p for p in ctx.model.parameters() if p.requires_grad],
         cfg.grad_clip if cfg.grad_clip > 0 else math.inf,
@@ -140,16 +150,21 @@ def chunk_optimizer_step(
     scheduler.step()
     return {
         "loss": loss_sum / total_tokens,
-        **chunk_metrics(responses, rewards, "chunk/"),
+        **chunk_metrics(everyone, rewards, "chunk/"),
         "chunk/baseline": baseline,
         "chunk/token_fraction": 1.0 - outside_tokens / total_tokens,
         "kl/initial": kl_sum / max(1.0, outside_tokens),
-        "tokens": total_tokens,
-        "rollouts": len(rollouts),
+        "tokens": int(total_tokens),
+        "rollouts": int(n_rollouts),
         "on_policy": 1,
-        "grad_norm": float(grad_norm),
-        "completion_len": total_tokens / len(rollouts),
+        "grad_norm": plain_float(grad_norm),
+        "completion_len": total_tokens / n_rollouts,
     }
+
+
+def _all_ranks(world: World, responses: list[ChunkScoreResponse]) -> list[ChunkScoreResponse]:
+    """Every rank's responses in rank order (= the 1-process order of the step's rollouts)."""
+    return [r for part in world.gather(responses) for r in part] if world.distributed else responses
 
 
 def chunk_weights(
@@ -188,18 +203,30 @@ def chunk_metrics(responses: list[ChunkScoreResponse], rewards: list[float], pre
 
 
 def chunk_evaluate(
-    lm, tokenizer, link, prompts: list[Prompt], cfg: TrainConfig, seed: int, batch_size: int = 8
+    lm,
+    tokenizer,
+    link,
+    prompts: list[Prompt],
+    cfg: TrainConfig,
+    seed: int,
+    batch_size: int = 8,
+    world: World = SINGLE,
 ) -> dict[str, float]:
     """Held-out chunk reward: one seeded sample per prompt, chunks spread evenly (the same positions
-    whatever the student's entropies), scored by the black-box teacher."""
+    whatever the student's entropies), scored by the black-box teacher. Under torchrun each rank samples
+    its share of the prompts (cut to a multiple of the rank count, as eval.evaluate does)."""
     from opd_student.eval import eval_seeds
 
+    if world.distributed and len(prompts) % world.size:
+        prompts = prompts[: len(prompts) - len(prompts) % world.size]
+    mine = list(world.share(len(prompts)))
     was_training = lm.training
     lm.eval()
     responses = []
     tokens = 0
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
+    for start in range(0, len(mine), batch_size):
+        chunk_idx = mine[start : start + batch_size]
+        chunk = [prompts[i] for i in chunk_idx]
         prompt_ids = [render(p, tokenizer) for p in chunk]
         completions = sample_completions(
             lm,
@@ -209,7 +236,7 @@ def chunk_evaluate(
             1.0,
             tokenizer.eos_token_id,
             tokenizer.pad_token_id,
-            row_seeds=eval_seeds(seed, list(range(start, start + len(chunk)))),
+            row_seeds=eval_seeds(seed, chunk_idx),
         )
         rollouts = [
             Rollout(ids, c[0], None, p.teacher or cfg.teacher_model, p.id)
@@ -219,7 +246,8 @@ def chunk_evaluate(
         responses += link.collect_chunks(requests, link.submit_chunks(requests))
         tokens += sum(len(r.completion_ids) for r in rollouts)
     lm.train(was_training)
+    responses = _all_ranks(world, responses)
     rewards = [chunk_reward(cfg, c) for r in responses for c in r.chunks]
     out = chunk_metrics(responses, rewards, "eval/chunk_")
     out = {k.replace("api/", "eval/api_"): v for k, v in out.items()}
-    return {**out, "eval/tokens": tokens, "eval/prompts": len(prompts)}
+    return {**out, "eval/tokens": int(world.sum([tokens])[0]), "eval/prompts": len(prompts)}

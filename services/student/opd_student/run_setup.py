@@ -186,8 +186,6 @@ def _check_world(cfg: TrainConfig, world: World) -> None:
             f"error: prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the number of trainer "
             f"processes ({world.size}): each rank samples an equal share of the step's prompts"
         )
-    if cfg.loss == "chunk":
-        raise SystemExit("error: --loss chunk runs in one process; launch it without torchrun")
     if cfg.teacher_url is None and not world.single_node:
         raise SystemExit(
             "error: a run on several machines needs --teacher-url (the teacher `opd train` would start "

@@ -65,7 +65,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 
 def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
-    model, lm, tokenizer, link, world = ctx.model, ctx.lm, ctx.tokenizer, ctx.link, ctx.world
+    model, tokenizer, link, world = ctx.model, ctx.tokenizer, ctx.link, ctx.world
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
@@ -92,7 +92,9 @@ def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
 
     def run_eval(at_step: int) -> None:
         if cfg.loss == "chunk":  # a black-box teacher has no logprobs: held-out chunk reward instead of KL
-            result = chunk_train.chunk_evaluate(lm, tokenizer, link, eval_prompts, cfg, seed=cfg.seed + 1234)
+            result = chunk_train.chunk_evaluate(
+                ctx.student, tokenizer, link, eval_prompts, cfg, seed=cfg.seed + 1234, world=world
+            )
             _log(metrics_log, {"step": at_step, "eval": True, **result})
             ctx.say(
                 f"eval at step {at_step}: chunk reward {result['eval/chunk_reward']:.4f}, similarity "
@@ -165,7 +167,7 @@ def _loop(cfg: TrainConfig, ctx: RunContext) -> None:
             else:
                 step_metrics = _optimizer_step(cfg, ctx, optimizer, scheduler, batch, scores)
             metrics.update(step_metrics)
-        metrics.update(ctx.methods.generation_metrics(batch.rollouts, batch.horizon))
+        metrics.update(ctx.methods.generation_metrics(batch.rollouts, batch.horizon, world))
         step += 1
         tokens = metrics["tokens"]
         metrics.update(
@@ -241,7 +243,7 @@ def _next_batch(
         entropies = None
         if cfg.chunk_select == "entropy":
             entropies = chunk_train.student_entropies(
-                ctx.lm, rollouts, ctx.tokenizer.pad_token_id, cfg.micro_batch_size, ctx.bf16
+                ctx.student, rollouts, ctx.tokenizer.pad_token_id, cfg.micro_batch_size, ctx.bf16
             )
         prompts_R = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
         requests = chunk_train.chunk_requests(cfg, ctx.tokenizer, prompts_R, rollouts, entropies)

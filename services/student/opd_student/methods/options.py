@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from opd_client.scores import SequenceScores
+from opd_student.distributed import SINGLE, World
 from opd_student.methods.horizon import rollout_horizon
 from opd_student.methods.routing import parse_teacher_rules, route, teachers_used
 from opd_student.methods.step_weights import StepWeights, teachability_pass
@@ -88,14 +89,19 @@ class MethodOptions:
         ]
 
     @staticmethod
-    def generation_metrics(rollouts: list[Rollout], horizon: int) -> dict[str, float]:
+    def generation_metrics(rollouts: list[Rollout], horizon: int, world: World = SINGLE) -> dict[str, float]:
+        """What the step generated, over all ranks' rollouts."""
         lengths = [len(r.completion_ids) for r in rollouts]
         on_policy = rollouts[0].on_policy if rollouts else True
+        privileged = sum(r.teacher_prefix_ids is not None for r in rollouts)
+        tokens, privileged, n_rollouts = world.sum(
+            [sum(lengths) if on_policy else 0, privileged, len(rollouts)]
+        )
         return {
             "gen/horizon": horizon,
-            "gen/tokens": sum(lengths) if on_policy else 0,  # tokens the student generated for this step
-            "gen/max_len": max(lengths, default=0),
-            "gen/privileged": sum(r.teacher_prefix_ids is not None for r in rollouts) / max(1, len(rollouts)),
+            "gen/tokens": int(tokens),  # tokens the student generated for this step
+            "gen/max_len": int(world.max(max(lengths, default=0))),
+            "gen/privileged": privileged / max(1, n_rollouts),
         }
 
     # --- the optimizer step
