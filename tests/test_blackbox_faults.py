@@ -167,8 +167,10 @@ def test_chunk_score_maps_api_faults_to_statuses_with_retry_after(blackbox, prox
 def test_train_loses_no_step_while_the_api_misbehaves(blackbox, proxy, tmp_path):
     student = make_tiny_model(tmp_path / "student", layers=2, seed=1)
     out = tmp_path / "run"
-    # Each phase outlasts the service's retries (2 tries), so the trainer sees 503/502/429 and waits.
-    proxy.arm(phases=[("500", 4), ("badjson", 3), ("429:1", 2), ("slow:60", 3)])
+    # Four of each fault for the next 16 API calls, in this order: the first requests' calls and their
+    # retries (the service tries twice) all fail, so the trainer sees 503/502/429 and waits. By count, not by
+    # time windows: the trainer's doubling backoff once stepped over a 2 s window of 429s.
+    proxy.arm(queue=["500"] * 4 + ["badjson"] * 4 + ["429:1"] * 4 + ["slow:60"] * 4)
     cmd = [
         sys.executable, "-m", "opd_cli.main", "train", "--teacher-url", blackbox.http_url,
         "--student", str(student), "--out", str(out), "--loss", "chunk", "--steps", "3",
