@@ -214,12 +214,10 @@ def chunk_evaluate(
 ) -> dict[str, float]:
     """Held-out chunk reward: one seeded sample per prompt, chunks spread evenly (the same positions
     whatever the student's entropies), scored by the black-box teacher. Under torchrun each rank samples
-    its share of the prompts (cut to a multiple of the rank count, as eval.evaluate does)."""
-    from opd_student.eval import eval_seeds
+    its share of the prompts (eval.eval_share, as eval.evaluate does)."""
+    from opd_student.eval import eval_seeds, eval_share
 
-    if world.distributed and len(prompts) % world.size:
-        prompts = prompts[: len(prompts) - len(prompts) % world.size]
-    mine = list(world.share(len(prompts)))
+    prompts, mine = eval_share(prompts, world)
     was_training = lm.training
     lm.eval()
     responses = []

@@ -47,9 +47,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Sums over all ranks when several trainer processes share the prompts; every rank gets the result.
     Prompt i's sample is seeded by (seed, i), so the numbers do not depend on batch size or rank count."""
-    if world.distributed and len(prompts) % world.size:
-        prompts = prompts[: len(prompts) - len(prompts) % world.size]  # equal shares: lockstep forwards
-    mine = list(world.share(len(prompts)))
+    prompts, mine = eval_share(prompts, world)
     was_training = model.training
     model.eval()
     rev_sum = fwd_sum = tokens = 0.0
@@ -102,6 +100,14 @@ def evaluate(
         "eval/tokens": int(tokens),
         "eval/prompts": len(prompts),
     }
+
+
+def eval_share(prompts: list[Prompt], world: World) -> tuple[list[Prompt], list[int]]:
+    """The prompts all ranks evaluate, cut to a multiple of the rank count (equal shares: every rank runs
+    the same number of lockstep forwards), and the indices of this rank's share."""
+    if world.distributed and len(prompts) % world.size:
+        prompts = prompts[: len(prompts) - len(prompts) % world.size]
+    return prompts, list(world.share(len(prompts)))
 
 
 def eval_seeds(seed: int, prompt_indices: list[int]) -> list[int]:
