@@ -164,7 +164,7 @@ def chunk_optimizer_step(
 
 def _all_ranks(world: World, responses: list[ChunkScoreResponse]) -> list[ChunkScoreResponse]:
     """Every rank's responses in rank order (= the 1-process order of the step's rollouts)."""
-    return [r for part in world.gather(responses) for r in part] if world.distributed else responses
+    return [r for part in world.gather(responses) for r in part]
 
 
 def chunk_weights(

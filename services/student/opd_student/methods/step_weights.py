@@ -19,19 +19,15 @@ per rollout or token), makes the 1-process choice on their concatenation and kee
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from opd_client.scores import SequenceScores
+from opd_student.distributed import SINGLE, World
 from opd_student.methods.filtering import confidence_weights, rollout_keep_mask, teacher_mean_logprobs
 from opd_student.methods.teachability import teachability, top_fraction
 from opd_student.methods.token_mask import TokenMaskRule
 from opd_student.rollouts import Rollout, TeacherTensors, pack, student_logprobs, teacher_tensors, unwrap
-
-if TYPE_CHECKING:
-    from opd_student.distributed import World
 
 
 class StepWeights:
@@ -42,7 +38,7 @@ class StepWeights:
         scores: list[SequenceScores],
         tokenizer,
         mask_rule: TokenMaskRule,
-        world: World | None = None,
+        world: World = SINGLE,
     ) -> None:
         self.cfg = cfg
         self.world = world
@@ -86,8 +82,6 @@ class StepWeights:
 
     def _whole_step(self, local_N: Tensor) -> tuple[Tensor, slice]:
         """All ranks' entries concatenated in rank order (= the 1-process order), and where ours are."""
-        if self.world is None or not self.world.distributed:
-            return local_N, slice(0, len(local_N))
         parts = self.world.gather(local_N)
         start = sum(len(part) for part in parts[: self.world.rank])
         return torch.cat(parts), slice(start, start + len(local_N))

@@ -8,13 +8,10 @@ over all ranks, as the overall numbers are.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from opd_student.distributed import World
+from opd_student.distributed import SINGLE, World
 
 
 class TeacherMetrics:
@@ -36,16 +33,14 @@ class TeacherMetrics:
             sums[2] += float(tokens_B[b])
             sums[3] += 1
 
-    def record(self, world: World | None = None) -> dict[str, float | int]:
-        """The step's numbers per teacher; with a `world` (distributed.World), over all its ranks."""
-        sums = self._sums
-        if world is not None and world.distributed:
-            # Ranks may have seen different teachers: agree on the names, then sum one flat vector.
-            names = sorted(set().union(*world.gather(set(sums))))
-            flat = world.sum([v for n in names for v in sums.get(n, [0.0, 0.0, 0.0, 0.0])])
-            sums = {n: flat[4 * i : 4 * i + 4] for i, n in enumerate(names)}
+    def record(self, world: World = SINGLE) -> dict[str, float | int]:
+        """The step's numbers per teacher, over all of the world's ranks."""
+        # Ranks may have seen different teachers: agree on the names, then sum one flat vector.
+        names = sorted(set().union(*world.gather(set(self._sums))))
+        flat = world.sum([v for n in names for v in self._sums.get(n, [0.0, 0.0, 0.0, 0.0])])
         out: dict[str, float] = {}
-        for name, (kl, lp, tokens, rollouts) in sorted(sums.items()):
+        for i, name in enumerate(names):
+            kl, lp, tokens, rollouts = flat[4 * i : 4 * i + 4]
             out[f"kl/sampled_reverse/{name}"] = kl / max(tokens, 1.0)
             out[f"teacher/logprob/{name}"] = lp / max(tokens, 1.0)
             out[f"teacher/tokens/{name}"] = int(tokens)
