@@ -310,8 +310,7 @@ def _train(
     blackbox, student, out, *args: str, procs: int = 1, threads: str | None = None
 ) -> subprocess.CompletedProcess:
     """`opd train` against the black-box teacher service, with its key (under torchrun when procs > 1)."""
-    launcher = [sys.executable, "-m", "opd_cli.main"] if procs == 1 else opd_command(procs)
-    cmd = [*launcher, "train", "--teacher-url", blackbox.http_url]
+    cmd = [*opd_command(procs), "train", "--teacher-url", blackbox.http_url]
     cmd += ["--student", str(student), "--out", str(out), *args]
     env = {**os.environ, "OPD_TEACHER_API_KEY": blackbox.api_key}
     if threads is not None:
