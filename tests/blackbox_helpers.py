@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from opd_client.embedded import gguf_path
-from opd_client.launch import free_port
+from opd_common.embedded import gguf_path
+from opd_common.launch import free_port
 
 API_MODEL = "smollm2"
 

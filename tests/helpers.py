@@ -7,8 +7,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from opd_client.launch import LocalTeacher, free_port
 from opd_client.scores import ScoreResult
+from opd_common.launch import LocalTeacher, free_port
 
 __all__ = [
     "LocalTeacher",
@@ -25,7 +25,7 @@ def make_tiny_model(out_dir: Path, layers: int = 4, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from opd_client.embedded import embedded_teacher_dir
+    from opd_common.embedded import embedded_teacher_dir
 
     if (out_dir / "config.json").exists():
         return out_dir
@@ -62,7 +62,7 @@ def start_teacher(
     grpc_port: int | None = None,
 ) -> LocalTeacher:
     """The real `opd serve-teacher`, fp32 on CPU, on free loopback ports."""
-    from opd_client.launch import start_teacher as launch
+    from opd_common.launch import start_teacher as launch
 
     return launch(
         workdir,

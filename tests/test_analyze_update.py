@@ -19,7 +19,7 @@ import torch
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
-from opd_student.analyze_update import UpdateError, analyze
+from opd_student.tools.update_analysis import UpdateError, analyze
 
 Q1 = "model.layers.1.self_attn.q_proj.weight"
 MLP2 = [f"model.layers.2.mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")]
@@ -189,10 +189,10 @@ def test_threshold_flag_and_checkpoint_input(edited, tmp_path):
 
 def test_chunked_reads_match_whole_tensors(edited, tmp_path, monkeypatch):
     """Tiny chunks (partial last chunk, 1-row chunks of wide tensors) and a 0-d tensor give the same numbers."""
-    from opd_student import analyze_update
+    from opd_student.tools import update_analysis
 
     before_dir, after_dir, before, after = edited
-    monkeypatch.setattr(analyze_update, "CHUNK_ENTRIES", 1000)
+    monkeypatch.setattr(update_analysis, "CHUNK_ENTRIES", 1000)
     assert_report(analyze(before_dir, after_dir), direct(before, after, 1e-5))
 
     b, a = {"s": np.float32(2.0), "m": before[Q1][:7, :3]}, {"s": np.float32(2.5), "m": after[Q1][:7, :3] + 1}

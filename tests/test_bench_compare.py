@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from helpers import start_teacher
-from opd_student.compare import opd_arm
-from opd_student.compare.budget import eval_points, fit_to_budget, prompt_schedule, repeated_rows, steps_for
-from opd_student.compare.records import ARM, EVALS, STEPS, append_jsonl, read_jsonl
-from opd_student.compare.results import arm_summary, ranking, table_markdown
-from opd_student.compare.settings import ARM_NAMES, CompareSettings, select_arms
+from opd_bench.compare import opd_arm
+from opd_bench.compare.budget import eval_points, fit_to_budget, prompt_schedule, repeated_rows, steps_for
+from opd_bench.compare.records import ARM, EVALS, STEPS, append_jsonl, read_jsonl
+from opd_bench.compare.results import arm_summary, ranking, table_markdown
+from opd_bench.compare.settings import ARM_NAMES, CompareSettings, select_arms
 from opd_student.prompts import PromptStream, load_prompts
 
 # --- budget matching -------------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ def test_snapshot_evaluation_equals_opds_in_process_evaluation(bench, tmp_path):
         tmp_path / "teacher", ["smollm2-135m-instruct"], api_key=None, extra_args=["--batch-invariant"]
     )
     try:
-        cmd = [sys.executable, "-m", "opd_student.compare.snapshot_eval", "--spec", str(spec)]
+        cmd = [sys.executable, "-m", "opd_bench.compare.snapshot_eval", "--spec", str(spec)]
         cmd += ["--teacher-url", teacher.http_url, "--initial-out", str(tmp_path / "eval.json")]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]

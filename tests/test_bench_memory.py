@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from opd_teacher.bench.memory import MIB, MemoryProbe, main_from_args, register, run_memory_bench
+from opd_bench.memory import MIB, MemoryProbe, main_from_args, register, run_memory_bench
 
 
 def test_probe_sees_an_allocation_made_inside_it():

@@ -19,7 +19,7 @@ from helpers import make_tiny_model, start_teacher
 from opd_client.errors import Overloaded, Unavailable, UpstreamError
 from opd_client.retry import RetryPolicy
 from opd_student.metrics_log import read_metrics
-from opd_teacher.backends.openai_api import ApiLimits, ApiUsage, OpenAIChatAPI
+from opd_teacher.blackbox.api_client import ApiLimits, ApiUsage, OpenAIChatAPI
 
 HI = [{"role": "user", "content": "Say hi."}]
 

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import make_tiny_model, start_teacher
 from opd_client.endpoints import Endpoints
-from opd_client.launch import free_port
+from opd_common.launch import free_port
 from opd_student.distributed import opd_command
 from opd_student.metrics_log import read_metrics
 

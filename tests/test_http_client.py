@@ -21,9 +21,9 @@ import pytest
 
 from helpers import assert_same_scores
 from opd_client import AsyncHttpTeacherClient, HttpTeacherClient, OpdError, convert, errors
-from opd_client.embedded import DEFAULT_TEACHER, embedded_teacher_dir
 from opd_client.retry import RetryPolicy
 from opd_client.scores import ScoreResult, SequenceScores
+from opd_common.embedded import DEFAULT_TEACHER, embedded_teacher_dir
 
 SEQUENCES = [{"token_ids": [1, 2, 3, 4, 5], "prompt_len": 2}]
 # No jitter, so waits are predictable; small backoffs keep the tests to seconds.

@@ -65,7 +65,7 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def model_dir() -> str:
-    from opd_client.embedded import embedded_teacher_dir
+    from opd_common.embedded import embedded_teacher_dir
 
     return str(embedded_teacher_dir())
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import make_tiny_model
-from opd_student import make_student as ms
-from opd_student.layer_pruning import build_pruned_model
+from opd_student.tools import make_student as ms
+from opd_student.tools.layer_pruning import build_pruned_model
 
 TEACHER_LAYERS = 6
 KEEP = 3
@@ -224,7 +224,7 @@ def test_resolve_student(made, tmp_path):
 @pytest.mark.slow
 def test_default_student_is_made_once_and_reported(tmp_path, monkeypatch):
     """The real default: 30 → 20 layers of the embedded teacher, in a fresh cache (teacher conversion reused)."""
-    from opd_client.embedded import embedded_teacher_dir
+    from opd_common.embedded import embedded_teacher_dir
 
     teacher_models = embedded_teacher_dir().parent
     monkeypatch.setenv("OPD_CACHE_DIR", str(tmp_path))

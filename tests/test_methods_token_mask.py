@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from opd_client.embedded import embedded_teacher_dir
+from opd_common.embedded import embedded_teacher_dir
 from opd_student.methods.token_mask import TokenMaskRule, parse_token_ids, token_char_spans
 
 

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from helpers import post_score
 from opd_client.convert import score_result_from_json
-from opd_client.embedded import embedded_teacher_dir
+from opd_common.embedded import embedded_teacher_dir
 
 DEFAULT = "smollm2-135m-instruct"
 TOL = 1e-4

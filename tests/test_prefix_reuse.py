@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
-from opd_client.embedded import DEFAULT_TEACHER, embedded_teacher_dir
 from opd_client.scores import SequenceScores
+from opd_common.embedded import DEFAULT_TEACHER, embedded_teacher_dir
 from opd_teacher.backends.base import ScoreItem
 from opd_teacher.backends.hf import HFBackend, HFLimits
 from opd_teacher.backends.plan import plan_score

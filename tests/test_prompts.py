@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from opd_client.embedded import embedded_teacher_dir
+from opd_common.embedded import embedded_teacher_dir
 from opd_student.prompts import (
     ALLOWED_KEYS,
     Prompt,

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from opd_student.report import register, write_report
+from opd_student.tools.report import register, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import post_score
 from opd_client.convert import score_result_from_json
-from opd_client.embedded import embedded_teacher_dir
+from opd_common.embedded import embedded_teacher_dir
 
 TOL = 1e-4  # max abs diff in nats, fp32 (issue 3)
 

@@ -15,7 +15,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from helpers import make_tiny_model, start_teacher
-from opd_client.launch import free_port
+from opd_common.launch import free_port
 from opd_student.metrics_log import read_metrics
 
 FAST = [

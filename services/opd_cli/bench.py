@@ -1,4 +1,4 @@
-"""`opd bench ...`: the benchmarks whose figures are in docs/benchmarks.md."""
+"""`opd bench ...`: the benchmarks whose figures are in docs/benchmarks.md (package opd_bench)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ from __future__ import annotations
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmarks (results in docs/benchmarks.md)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    from opd_student.compare import runner as compare
-    from opd_teacher.bench import memory, serve
+    from opd_bench import memory, scale, serve
+    from opd_bench.compare import runner as compare
 
     memory.register(bench)
     serve.register(bench)
     compare.register(bench)
-    from opd_student import scale_bench
-
-    scale_bench.register(bench)
+    scale.register(bench)

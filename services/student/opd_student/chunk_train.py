@@ -4,7 +4,7 @@ The teacher gives no logprobs of the student's tokens, only text. Per rollout th
 prompt and the completion (one string per student token) with the student's entropy at each token to
 POST /v1/chunk-score; the service picks M chunks where the student was least sure, has the teacher continue
 each chunk's prefix N times, and rewards the chunk by how many continuations say the same thing
-(opd_teacher.chunk_scorer). The loss is then
+(opd_teacher.blackbox.chunk_scorer). The loss is then
 
     Σ_chunks −(r_c − b) · Σ_{t ∈ c} log q(x_t)  +  β · Σ_{t ∉ chunks} KL(q_t ‖ q0_t)
 
@@ -215,7 +215,7 @@ def chunk_evaluate(
     """Held-out chunk reward: one seeded sample per prompt, chunks spread evenly (the same positions
     whatever the student's entropies), scored by the black-box teacher. Under torchrun each rank samples
     its share of the prompts (eval.eval_share, as eval.evaluate does)."""
-    from opd_student.eval import eval_seeds, eval_share
+    from opd_student.evaluation import eval_seeds, eval_share
 
     prompts, mine = eval_share(prompts, world)
     was_training = lm.training

@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 
-from opd_student import analyze_update, demo, eval, make_student, report
+from opd_student import demo, evaluation
 from opd_student.config import add_config_flags, config_from_args
+from opd_student.tools import analyze_update, make_student, report
 
 
 def register(subparsers) -> None:
@@ -20,7 +21,7 @@ def register(subparsers) -> None:
     add_config_flags(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.set_defaults(func=train_main)
-    eval.register(subparsers)
+    evaluation.register(subparsers)
     make_student.register(subparsers)
     report.register(subparsers)
     demo.register(subparsers)
@@ -29,7 +30,7 @@ def register(subparsers) -> None:
 
 def train_main(args: argparse.Namespace) -> None:
     from opd_student.distributed import world_from_env
-    from opd_student.report import write_report
+    from opd_student.tools.report import write_report
     from opd_student.train import train
 
     logging.basicConfig(

@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> None:
     from opd_student.metrics_log import read_metrics
-    from opd_student.report import write_report
+    from opd_student.tools.report import write_report
     from opd_student.train import train
 
     if args.resume and not args.out:

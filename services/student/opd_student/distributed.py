@@ -110,7 +110,7 @@ def opd_command(procs: int = 1, nnodes: int = 1, node_rank: int = 0, port: int |
     node and the rendezvous on loopback (benchmarks and tests; `port` must be shared by all nodes)."""
     if procs == 1 and nnodes == 1:
         return [sys.executable, "-m", "opd_cli.main"]
-    from opd_client.launch import free_port
+    from opd_common.launch import free_port
 
     return [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),

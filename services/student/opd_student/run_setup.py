@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from opd_client.launch import LocalTeacher, start_teacher
+from opd_common.launch import LocalTeacher, start_teacher
 from opd_student.checkpoint import latest_checkpoint
 from opd_student.config import TrainConfig
 from opd_student.distributed import (
@@ -27,12 +27,12 @@ from opd_student.distributed import (
     world_from_env,
     wrap_student,
 )
-from opd_student.make_student import resolve_student
 from opd_student.methods.options import MethodOptions
 from opd_student.prompts import parse_prompts, render
 from opd_student.rollouts import Rollout
 from opd_student.student_model import load_student, pick_device, save_final, use_bf16
 from opd_student.teacher_link import TeacherLink
+from opd_student.tools.make_student import resolve_student
 
 
 @dataclass

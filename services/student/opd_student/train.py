@@ -23,7 +23,7 @@ from opd_student import chunk_train, losses
 from opd_student.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from opd_student.config import TrainConfig
 from opd_student.distributed import gradient_sync, peak_memory_mib, plain_float, state_mib
-from opd_student.eval import evaluate
+from opd_student.evaluation import evaluate
 from opd_student.methods.teacher_metrics import TeacherMetrics
 from opd_student.metrics_log import MetricsLog
 from opd_student.prompts import PromptStream, load_prompts, render

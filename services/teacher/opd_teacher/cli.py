@@ -9,7 +9,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from opd_client.embedded import DEFAULT_TEACHER
+from opd_common.embedded import DEFAULT_TEACHER
 
 
 def register(subparsers) -> None:
@@ -225,8 +225,8 @@ def blackbox_loaders(args: argparse.Namespace) -> dict:
     import os
 
     from opd_client.retry import RetryPolicy
-    from opd_teacher.backends.blackbox import BlackBoxBackend
-    from opd_teacher.backends.openai_api import ApiLimits
+    from opd_teacher.blackbox.api_client import ApiLimits
+    from opd_teacher.blackbox.backend import BlackBoxBackend
 
     if not args.api_base or not args.api_model:
         raise SystemExit("error: --backend openai needs --api-base URL and --api-model NAME")

@@ -154,8 +154,8 @@ class TeacherEngine:
             self._waiting_generations -= 1
 
     async def chunk_score(self, req: schema.ChunkScoreRequest) -> schema.ChunkScoreResponse:
-        """Black-box scoring (opd_teacher.chunk_scorer): the teacher's API is called, not the forward thread."""
-        from opd_teacher.chunk_scorer import chunk_score
+        """Black-box scoring (opd_teacher.blackbox.chunk_scorer): the teacher's API is called, not the forward thread."""
+        from opd_teacher.blackbox.chunk_scorer import chunk_score
 
         backend = self.backend(req.model)
         if not backend.info.black_box:

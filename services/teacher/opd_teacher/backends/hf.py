@@ -17,10 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import Cache, DynamicLayer
 
-from opd_client.embedded import resolve_model
 from opd_client.schema import ModelInfo
 from opd_client.scores import SequenceScores
 from opd_client.tokenizer_hash import tokenizer_sha256
+from opd_common.embedded import resolve_model
 from opd_teacher.backends.base import ScoreItem
 from opd_teacher.backends.generate import Sample, SamplingParams, generate
 from opd_teacher.backends.plan import plan_score

@@ -1,4 +1,4 @@
-"""POST /v1/chunk-score: black-box scoring of a student's completion (see opd_teacher.chunk_scorer)."""
+"""POST /v1/chunk-score: black-box scoring of a student's completion (see opd_teacher.blackbox.chunk_scorer)."""
 
 from __future__ import annotations
 

@@ -21,15 +21,15 @@ import logging
 
 from opd_client.errors import InvalidRequest
 from opd_client.schema import ModelInfo
-from opd_teacher.backends.openai_api import ApiLimits, OpenAIChatAPI
-from opd_teacher.similarity import Embedder
+from opd_teacher.blackbox.api_client import ApiLimits, OpenAIChatAPI
+from opd_teacher.blackbox.similarity import Embedder
 
 PREFILL_MODES = ("instruct", "assistant", "continue")
 INSTRUCT_TEMPLATE = "{question}\n\nComplete the answer: {prefix}"
 
 
 class BlackBoxBackend:
-    """What the engine holds for `--backend openai`; chunk scoring (opd_teacher.chunk_scorer) uses it."""
+    """What the engine holds for `--backend openai`; chunk scoring (opd_teacher.blackbox.chunk_scorer) uses it."""
 
     bos_token_id = None
     last_forward_tokens = 0

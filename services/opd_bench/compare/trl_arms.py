@@ -1,7 +1,7 @@
 """Worker (one subprocess per run): TRL's DistillationTrainer with the teacher in-process, or TRL's
 ServerDistillationTrainer against the shared opd teacher service.
 
-    python -m opd_student.compare.trl_arms --spec SPEC.json --arm trl-distill --out DIR [--teacher-url URL]
+    python -m opd_bench.compare.trl_arms --spec SPEC.json --arm trl-distill --out DIR [--teacher-url URL]
 
 Settings matched to the opd arms (docs/compare.md lists what is not): the same student and teacher, the same
 prompts in the same steps (opd's prompt order, each prompt repeated G times in a row, no shuffling), fully
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from opd_student.compare.budget import eval_points, prompt_schedule, repeated_rows
-from opd_student.compare.callbacks import StepRecorder
-from opd_student.compare.settings import JSD_BETA, TRL_SERVER_BETA, TRL_SERVER_TOP_K, CompareSettings
+from opd_bench.compare.budget import eval_points, prompt_schedule, repeated_rows
+from opd_bench.compare.callbacks import StepRecorder
+from opd_bench.compare.settings import JSD_BETA, TRL_SERVER_BETA, TRL_SERVER_TOP_K, CompareSettings
 from opd_student.prompts import Prompt, load_prompts
 
 TRAINER_ARGS = "trainer_args.json"
@@ -85,8 +85,8 @@ def build_trainer(settings: CompareSettings, arm: str, out_dir: Path, teacher_ur
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opd_client.embedded import resolve_model
-    from opd_student.make_student import resolve_student
+    from opd_common.embedded import resolve_model
+    from opd_student.tools.make_student import resolve_student
 
     student = resolve_student(settings.student)
     tokenizer = AutoTokenizer.from_pretrained(student, padding_side="left")

@@ -1,6 +1,6 @@
 """Worker: supervised fine-tuning on teacher samples, with the teacher-token budget of the opd arm.
 
-    python -m opd_student.compare.sft_arm --spec SPEC.json --out DIR --budget TOKENS
+    python -m opd_bench.compare.sft_arm --spec SPEC.json --out DIR --budget TOKENS
 
 1. The teacher (the same weights the service serves, float32, loaded here and freed before training)
    samples completions for the training prompts in opd's order, step by step, batched as opd samples its
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from opd_student.compare.budget import eval_points, fit_to_budget, steps_for
-from opd_student.compare.callbacks import StepRecorder
-from opd_student.compare.records import ARM
-from opd_student.compare.settings import CompareSettings
-from opd_student.compare.trl_arms import common_args, device_of, save_args
+from opd_bench.compare.budget import eval_points, fit_to_budget, steps_for
+from opd_bench.compare.callbacks import StepRecorder
+from opd_bench.compare.records import ARM
+from opd_bench.compare.settings import CompareSettings
+from opd_bench.compare.trl_arms import common_args, device_of, save_args
 from opd_student.prompts import PromptStream, load_prompts, render
 
 
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from opd_client.embedded import resolve_model
-    from opd_student.make_student import resolve_student
+    from opd_common.embedded import resolve_model
+    from opd_student.tools.make_student import resolve_student
 
     student = resolve_student(settings.student)
     tokenizer = AutoTokenizer.from_pretrained(student)

@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from opd_student.compare import opd_arm
-from opd_student.compare.child import ChildResult, log_tail, run_child
-from opd_student.compare.records import ARM, EVALS, STEPS, append_jsonl, read_jsonl
-from opd_student.compare.results import TABLE, hardware, versions, write_outputs
-from opd_student.compare.settings import ARM_NAMES, Arm, CompareSettings, select_arms
+from opd_bench.compare import opd_arm
+from opd_bench.compare.child import ChildResult, log_tail, run_child
+from opd_bench.compare.records import ARM, EVALS, STEPS, append_jsonl, read_jsonl
+from opd_bench.compare.results import TABLE, hardware, versions, write_outputs
+from opd_bench.compare.settings import ARM_NAMES, Arm, CompareSettings, select_arms
 
 SPEC = "spec.json"
 INITIAL_EVAL = "initial_eval.json"
@@ -86,8 +86,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run(settings: CompareSettings, arms: list[Arm], out: Path, keep: bool) -> int:
-    from opd_client.launch import start_teacher
-    from opd_student.make_student import resolve_student
+    from opd_common.launch import start_teacher
+    from opd_student.tools.make_student import resolve_student
 
     started = time.perf_counter()
     print(f"opd bench compare: {', '.join(a.name for a in arms)} -> {out}", flush=True)
@@ -139,11 +139,11 @@ def run_arm(settings: CompareSettings, arm: Arm, out: Path, url: str, keep: bool
         budget, source = sft_budget(settings, out)
         extra = {"budget": budget, "budget_source": source}
         print(f"  teacher-token budget {budget} ({source})", flush=True)
-        cmd = py + ["opd_student.compare.sft_arm", "--spec", str(spec), "--out", str(arm_dir)]
+        cmd = py + ["opd_bench.compare.sft_arm", "--spec", str(spec), "--out", str(arm_dir)]
         cmd += ["--budget", str(budget)]
         progress = _follow(arm_dir / "train.log")
     else:
-        cmd = py + ["opd_student.compare.trl_arms", "--spec", str(spec), "--arm", arm.name]
+        cmd = py + ["opd_bench.compare.trl_arms", "--spec", str(spec), "--arm", arm.name]
         cmd += ["--out", str(arm_dir), "--teacher-url", url]
         progress = _follow(arm_dir / "train.log")
     result = run_child(cmd, arm_dir / "train.log", progress)
@@ -164,7 +164,7 @@ def run_arm(settings: CompareSettings, arm: Arm, out: Path, url: str, keep: bool
 
 def evaluate_snapshots(settings: CompareSettings, out: Path, arm_dir: Path, url: str, keep: bool) -> bool:
     """Step 0 (the untrained student, evaluated once for all non-opd arms) and the arm's snapshots."""
-    base = [sys.executable, "-m", "opd_student.compare.snapshot_eval", "--spec", str(out / SPEC)]
+    base = [sys.executable, "-m", "opd_bench.compare.snapshot_eval", "--spec", str(out / SPEC)]
     base += ["--teacher-url", url]
     log = arm_dir / "eval.log"
     initial = out / INITIAL_EVAL

@@ -1,6 +1,6 @@
 """POST /v1/chunk-score and gRPC ChunkScore: a student's completion scored by a black-box teacher.
 
-For each chunk [s, e) of the student's completion (opd_teacher.chunks.pick_chunks) the teacher is asked,
+For each chunk [s, e) of the student's completion (opd_teacher.blackbox.chunks.pick_chunks) the teacher is asked,
 through its chat API, to continue the student's prefix (tokens < s): N samples at the request's
 temperature, and one greedy answer with top_logprobs. Each sample is compared with the student's chunk
 (embedding cosine with all-MiniLM-L6-v2, normalised character edit similarity); k samples at or above the
@@ -19,10 +19,10 @@ from prometheus_client import Counter
 
 from opd_client import schema
 from opd_client.errors import InvalidRequest
-from opd_teacher.backends.blackbox import BlackBoxBackend
-from opd_teacher.backends.openai_api import ApiChoice, ApiUsage, gather_or_cancel
-from opd_teacher.chunks import pick_chunks, smoothed_reward, verify_chunk
-from opd_teacher.similarity import edit_similarity
+from opd_teacher.blackbox.api_client import ApiChoice, ApiUsage, gather_or_cancel
+from opd_teacher.blackbox.backend import BlackBoxBackend
+from opd_teacher.blackbox.chunks import pick_chunks, smoothed_reward, verify_chunk
+from opd_teacher.blackbox.similarity import edit_similarity
 
 API_CALLS = Counter("opd_api_requests_total", "Calls made to black-box teachers' APIs", ["model"])
 API_TOKENS = Counter("opd_api_tokens_total", "Tokens billed by black-box teachers' APIs", ["model", "kind"])

@@ -1,4 +1,4 @@
-"""`opd analyze-update BEFORE AFTER`: which parameters a training run changed, by module type and by layer.
+"""Which parameters a training run changed, by module type and by layer (the analysis behind `opd analyze-update`).
 
 BEFORE and AFTER are HF save_pretrained directories (one or several *.safetensors shards), a training
 checkpoint (checkpoints/step-NNNNNN) or a single .safetensors file. Tensors are
@@ -10,7 +10,6 @@ concatenated, sqrt(Σ‖Δ‖²) / sqrt(Σ‖before‖²), not a mean of per-ten
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import json
 import math
@@ -220,7 +219,7 @@ def _why_no_tensors(path: Path) -> str:
 def resolve_input(spec: str, role: str) -> Path:
     """`default` → the cached default student (not made here if missing), otherwise the path as given."""
     if spec == "default":
-        from opd_student.make_student import default_student_dir
+        from opd_student.tools.make_student import default_student_dir
 
         path = default_student_dir()
         if not path.exists():
@@ -291,41 +290,3 @@ def _layer_order(key: str) -> tuple[int, int]:
 def _name_order(name: str) -> tuple[int, int, str]:
     layer = layer_index(name)
     return (0, -1, name) if layer is None else (1, layer, name)
-
-
-# ---- CLI -----------------------------------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    from opd_student.update_report import JSON_NAME, MD_NAME, PNG_NAME  # it imports this module
-
-    p = subparsers.add_parser(
-        "analyze-update",
-        help="which parameters training changed: fraction unchanged and relative update norm",
-        description="Compare two sets of weights (HF model directories, training checkpoints "
-        "step-NNNNNN, or .safetensors files; 'default' = the default student) tensor by tensor: entries "
-        "with |after - before| <= --threshold count as unchanged; ||delta|| / ||before|| per parameter, "
-        "aggregated by module type and by layer.",
-    )
-    p.add_argument("before", metavar="BEFORE", help="weights before training (e.g. default)")
-    p.add_argument("after", metavar="AFTER", help="weights after training (e.g. RUN/final)")
-    p.add_argument(
-        "--threshold", type=float, default=DEFAULT_THRESHOLD, help="largest |delta| counted unchanged"
-    )
-    p.add_argument("--out", type=Path, help=f"write {JSON_NAME}, {MD_NAME} and {PNG_NAME} here")
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> None:
-    from opd_student.update_report import render_text, write_outputs
-
-    try:
-        before = resolve_input(args.before, "BEFORE")
-        after = resolve_input(args.after, "AFTER")
-        report = analyze(before, after, args.threshold)
-    except UpdateError as e:
-        raise SystemExit(f"opd analyze-update: {e}") from None
-    print(render_text(report))
-    if args.out is not None:
-        for path in write_outputs(report, args.out):
-            print(f"wrote {path}")

@@ -3,8 +3,8 @@
 Each variant runs in its own fresh subprocess, so one variant's peak cannot hide inside the other's (the
 process high-water mark never goes down, and the allocator keeps some freed memory for reuse):
 
-    python -m opd_teacher.bench.memory                     # every variant: table, agreement, JSON
-    python -m opd_teacher.bench.memory --variant chunked   # one variant in this process: one JSON line
+    python -m opd_bench.memory                     # every variant: table, agreement, JSON
+    python -m opd_bench.memory --variant chunked   # one variant in this process: one JSON line
 
 Variants, on the same random tokens (fixed seed), each row = prompt_len prompt tokens + a completion:
 - chunked: HFBackend.score on ScoreItems, so the lm_head and log-softmax run on completion positions
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from opd_client.embedded import DEFAULT_TEACHER
+from opd_common.embedded import DEFAULT_TEACHER
 from opd_teacher.backends.base import ScoreItem
 from opd_teacher.backends.hf import HFBackend, HFLimits
 
@@ -384,9 +384,7 @@ def format_table(result: dict) -> str:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m opd_teacher.bench.memory", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m opd_bench.memory", description=__doc__.split("\n")[0])
     _add_flags(parser)
     parser.add_argument("--variant", choices=VARIANTS, help="run one variant here and print one JSON line")
     parser.add_argument("--arrays-out", type=Path, help="with --variant: save its top-k arrays (npz)")

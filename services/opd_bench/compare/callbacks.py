@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from opd_student.compare.records import STEPS, append_jsonl, snapshot_dir
+from opd_bench.compare.records import STEPS, append_jsonl, snapshot_dir
 
 
 class StepRecorder(TrainerCallback):

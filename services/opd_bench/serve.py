@@ -26,11 +26,11 @@ import httpx
 import numpy as np
 
 from opd_client import convert, schema
-from opd_client.embedded import DEFAULT_TEACHER
 from opd_client.grpc_client import GrpcTeacherClient
 from opd_client.http_client import HttpTeacherClient
-from opd_client.launch import start_teacher
 from opd_client.v1 import teacher_pb2_grpc as pb_grpc
+from opd_common.embedded import DEFAULT_TEACHER
+from opd_common.launch import start_teacher
 
 
 @dataclass(frozen=True)

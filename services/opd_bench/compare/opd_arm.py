@@ -11,8 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from opd_student.compare.records import EVALS, STEPS, append_jsonl, read_jsonl
-from opd_student.compare.settings import JSD_BETA, OPD_TOP_K, CompareSettings
+from opd_bench.compare.records import EVALS, STEPS, append_jsonl, read_jsonl
+from opd_bench.compare.settings import JSD_BETA, OPD_TOP_K, CompareSettings
 
 LOSS_FLAGS = {
     "opd-rkl": ["--loss", "reverse_kl"],

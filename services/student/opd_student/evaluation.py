@@ -139,8 +139,8 @@ def main(args: argparse.Namespace) -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opd_student.make_student import resolve_student
     from opd_student.student_model import pick_device
+    from opd_student.tools.make_student import resolve_student
 
     path = resolve_student(args.student)
     device = pick_device(args.device)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from opd_client.embedded import DEFAULT_TEACHER, build_once, cache_dir, resolve_model
-from opd_student.layer_pruning import (
+from opd_common.embedded import DEFAULT_TEACHER, build_once, cache_dir, resolve_model
+from opd_student.tools.layer_pruning import (
     STRATEGIES,
     HarmMeter,
     HeldOut,

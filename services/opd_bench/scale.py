@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from opd_client.launch import start_teacher
+from opd_common.launch import start_teacher
 from opd_student.distributed import opd_command
 from opd_student.metrics_log import read_metrics
 

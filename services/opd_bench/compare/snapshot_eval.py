@@ -1,7 +1,7 @@
 """Worker: held-out KL of saved students, with the evaluate() that `opd train --eval-every` runs in-process.
 
-    python -m opd_student.compare.snapshot_eval --spec SPEC.json --teacher-url URL --arm-dir DIR [--keep]
-    python -m opd_student.compare.snapshot_eval --spec SPEC.json --teacher-url URL --initial-out FILE
+    python -m opd_bench.compare.snapshot_eval --spec SPEC.json --teacher-url URL --arm-dir DIR [--keep]
+    python -m opd_bench.compare.snapshot_eval --spec SPEC.json --teacher-url URL --initial-out FILE
 
 Same prompts (the first eval_num_prompts of eval_prompts), same seed (seed + 1234), same max new tokens,
 fp32 weights without autocast, the same service: an arm's number at a step depends only on its weights
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from opd_student.compare.records import EVALS, SNAPSHOTS, append_jsonl, snapshot_step
-from opd_student.compare.settings import CompareSettings
-from opd_student.compare.trl_arms import device_of
+from opd_bench.compare.records import EVALS, SNAPSHOTS, append_jsonl, snapshot_step
+from opd_bench.compare.settings import CompareSettings
+from opd_bench.compare.trl_arms import device_of
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opd_student.eval import evaluate
-    from opd_student.make_student import resolve_student
+    from opd_student.evaluation import evaluate
     from opd_student.prompts import load_prompts
     from opd_student.teacher_link import TeacherLink
+    from opd_student.tools.make_student import resolve_student
 
     student = resolve_student(settings.student)
     tokenizer = AutoTokenizer.from_pretrained(student)

@@ -1,6 +1,6 @@
 """What `opd analyze-update` prints and writes: text and markdown tables, update.json, a heatmap.
 
-The report is the dict `analyze_update.analyze` returns; nothing here reads weights.
+The report is the dict `update_analysis.analyze` returns; nothing here reads weights.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from opd_student.analyze_update import NO_LAYER
+from opd_student.tools.update_analysis import NO_LAYER
 
 JSON_NAME, MD_NAME, PNG_NAME = "update.json", "update.md", "update_heatmap.png"
 

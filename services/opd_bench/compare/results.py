@@ -16,8 +16,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from opd_student.compare.records import ARM, EVALS, STEPS, read_jsonl
-from opd_student.compare.settings import BY_NAME
+from opd_bench.compare.records import ARM, EVALS, STEPS, read_jsonl
+from opd_bench.compare.settings import BY_NAME
 
 RESULTS = "results.json"
 TABLE = "table.md"

@@ -38,7 +38,7 @@ class CompareSettings:
     eval_max_new_tokens: int = 48
     train_prompts: str = "default-train"
     eval_prompts: str = "default-heldout"
-    student: str = "default"  # opd_student.make_student.resolve_student
+    student: str = "default"  # opd_student.tools.make_student.resolve_student
     teacher: str = "smollm2-135m-instruct"  # the service's --model; the TRL in-process teacher loads the same
     device: str = "auto"
 

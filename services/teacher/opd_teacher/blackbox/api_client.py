@@ -21,7 +21,7 @@ import httpx
 
 from opd_client.errors import OpdError, Overloaded, Unavailable, UpstreamError
 from opd_client.retry import RetryPolicy, parse_retry_after
-from opd_teacher.chunks import TeacherToken
+from opd_teacher.blackbox.chunks import TeacherToken
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
