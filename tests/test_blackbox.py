@@ -21,9 +21,9 @@ from helpers import make_tiny_model, start_teacher
 from opd_client import GrpcTeacherClient, HttpTeacherClient, convert, schema
 from opd_common.embedded import embedded_teacher_dir
 from opd_student import losses
-from opd_student.chunk_train import token_pieces
 from opd_student.distributed import opd_command
 from opd_student.metrics_log import read_metrics
+from opd_student.signals.chunk_rewards import token_pieces
 from opd_teacher.blackbox.chunks import TeacherToken, pick_chunks, smoothed_reward, verify_chunk
 from opd_teacher.blackbox.similarity import edit_similarity, embedding_model_dir
 

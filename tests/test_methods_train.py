@@ -13,9 +13,11 @@ import pytest
 from helpers import make_tiny_model, post_score, start_teacher
 from opd_client.convert import score_result_from_json
 from opd_student.config import TrainConfig
-from opd_student.methods.options import MethodOptions
+from opd_student.methods.routing import parse_teacher_rules
 from opd_student.metrics_log import read_metrics
 from opd_student.prompts import load_prompts, render
+from opd_student.rollout_factory import RolloutFactory
+from opd_student.run import check_routed_teachers
 from opd_student.teacher_link import TeacherLink
 
 FAST = dict(
@@ -134,12 +136,12 @@ def test_teacher_scores_the_completion_after_the_privileged_prefix(service, stud
     cfg = TrainConfig(teacher_model="tiny")
     student_ids = render(prompt, tokenizer)
     completion = tokenizer(" Paris, of course.", add_special_tokens=False)["input_ids"]
-    rollout = MethodOptions(cfg).rollouts([prompt], [student_ids], [[completion]], tokenizer)[0]
+    rollout = RolloutFactory(tokenizer, cfg.teacher_model).group(prompt, student_ids, [completion])[0]
     teacher_ids = render(prompt, tokenizer, for_teacher=True)
     assert rollout.teacher_prefix_ids == teacher_ids != student_ids
     link = TeacherLink(service.http_url, service.api_key, 60, 2, 10)
     try:
-        got = link.collect([rollout], link.submit([rollout], 4), 4)[0].token_logprobs_T.tolist()
+        got = link.collect(link.submit([rollout], 4))[0].token_logprobs_T.tolist()
     finally:
         link.close()
 
@@ -171,11 +173,12 @@ def test_several_teachers_are_routed_and_logged(run, tmp_path, service, student)
 def test_unknown_routed_teacher_is_a_clear_error_at_start(service, student):
     from transformers import AutoTokenizer
 
-    options = MethodOptions(TrainConfig(teacher_model="tiny", teacher_rules="[0-9] => nope"))
+    rules = parse_teacher_rules("[0-9] => nope")
     prompts = load_prompts("default-train")
     link = TeacherLink(service.http_url, service.api_key, 60, 2, 10)
     try:
         with pytest.raises(SystemExit, match="no model 'nope'"):
-            options.check_teachers(link, AutoTokenizer.from_pretrained(student), prompts)
+            tokenizer = AutoTokenizer.from_pretrained(student)
+            check_routed_teachers(link, tokenizer, prompts, rules, "tiny", lambda info, url: None)
     finally:
         link.close()

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from opd_student.evaluation import evaluate
     from opd_student.prompts import load_prompts
+    from opd_student.rollout_factory import RolloutFactory
     from opd_student.teacher_link import TeacherLink
     from opd_student.tools.make_student import resolve_student
 
@@ -49,12 +50,13 @@ def main(argv: list[str] | None = None) -> None:
     prompts = load_prompts(settings.eval_prompts)[: settings.eval_num_prompts]
     link = TeacherLink(args.teacher_url, None, 120.0, 4, 600.0)
     link.check(tokenizer, None)
+    factory = RolloutFactory(tokenizer)  # as `opd train` makes its held-out rollouts (no routing rules here)
 
     def kl_of(path: Path) -> dict:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
         model.config.use_cache = True  # as opd's load_student; TRL saves its training-time False
         return evaluate(
-            model, tokenizer, link, prompts, settings.eval_max_new_tokens, None, settings.eval_seed
+            model, tokenizer, link, prompts, factory, settings.eval_max_new_tokens, settings.eval_seed
         )
 
     try:

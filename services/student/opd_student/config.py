@@ -1,7 +1,8 @@
 """TrainConfig: the one place every training setting lives, with its default and its meaning.
 
 Values come from (lowest to highest precedence) the defaults below, a TOML/YAML file (`--config`), and
-command-line flags, which are generated from these fields (`--max-new-tokens 64`).
+command-line flags, which are generated from these fields (`--max-new-tokens 64`): a field's type gives the
+flag's type and choices, its comment gives the flag's `--help` (opd_common.dataclass_flags).
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ import json
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args
 
+from opd_common.dataclass_flags import add_dataclass_flags, literal_problems
 from opd_student.methods.checks import config_problems
 
-LOSSES = ("reverse_kl", "topk_forward_kl", "student_topk_reverse_kl", "jsd", "chunk")
-CHUNK_REWARDS = ("smoothed", "similarity", "edit_similarity")
-PARALLEL = ("fsdp", "ddp")
+Loss = Literal["reverse_kl", "topk_forward_kl", "student_topk_reverse_kl", "jsd", "chunk"]
+ChunkReward = Literal["smoothed", "similarity", "edit_similarity"]
+ChunkSelect = Literal["entropy", "even"]
+LrSchedule = Literal["constant", "cosine"]
+Bf16 = Literal["auto", "true", "false"]
+Parallel = Literal["fsdp", "ddp"]
+WeightsDtype = Literal["float32", "float64"]
+LOSSES = get_args(Loss)
 
 
 @dataclass(frozen=True)
@@ -36,35 +43,39 @@ class TrainConfig:
     # --- student and data
     student: str = "default"  # HF directory, or "default": the layer-pruned embedded teacher
     prompts: str = "default-train"  # JSONL file, or the shipped set
-    eval_prompts: str = "default-heldout"
+    eval_prompts: str = (
+        "default-heldout"  # held-out prompts for the KL before, during and after (file or set)
+    )
     dataset: str | None = None  # JSONL of fixed {"prompt"/"messages", "completion"} for GKD mixing
     # --- rollouts
-    steps: int = 20
-    prompts_per_step: int = 4
-    samples_per_prompt: int = 2  # G
-    max_new_tokens: int = 48
-    temperature: float = 1.0
+    steps: int = 20  # optimizer steps
+    prompts_per_step: int = 4  # prompts drawn per step (under torchrun: a multiple of the rank count)
+    samples_per_prompt: int = 2  # G: rollouts sampled per prompt
+    max_new_tokens: int = 48  # longest rollout completion, in tokens
+    temperature: float = 1.0  # the student's sampling temperature for rollouts
     # --- loss
-    loss: str = "reverse_kl"  # one of LOSSES
+    # reverse_kl: the sampled token's teacher logprob as a per-token advantage; topk_forward_kl / jsd: the
+    # teacher's top-k + tail; student_topk_reverse_kl: the teacher scores the student's top-k; chunk: a
+    # black-box teacher's chunk rewards (docs/training.md)
+    loss: Loss = "reverse_kl"
     top_k: int = 20  # teacher top-k (forward KL, JSD) or student top-k (student_topk_reverse_kl)
-    jsd_beta: float = 0.5
+    jsd_beta: float = 0.5  # jsd: β of GKD's generalised JSD (0: forward KL, 1: reverse KL)
     discount: float = 0.0  # reverse_kl: γ of the return-to-go advantage (0: per-token reward)
     gkd_lambda: float = 1.0  # probability a step uses on-policy rollouts; else `dataset` sequences
     # --- loss = "chunk": a black-box teacher (opd serve-teacher --backend openai, POST /v1/chunk-score)
     chunk_num: int = 4  # M chunks scored per completion
     chunk_tokens: int = 8  # C student tokens per chunk
     chunk_samples: int = 4  # N teacher samples per chunk
-    chunk_select: str = "entropy"  # entropy: chunks start where the student is least sure; even: spread out
-    chunk_reward: str = (
-        "smoothed"  # smoothed (k + α·prior)/(N + α) | similarity (mean cosine) | edit_similarity
-    )
-    chunk_baseline: bool = (
-        True  # subtract the step's mean chunk reward (chunks worse than average are pushed down)
-    )
+    # entropy: chunks start where the student is least sure; even: spread out
+    chunk_select: ChunkSelect = "entropy"
+    # smoothed: (k + α·prior)/(N + α) of k matching samples; similarity: mean cosine; edit_similarity
+    chunk_reward: ChunkReward = "smoothed"
+    # subtract the step's mean chunk reward (chunks worse than average are pushed down)
+    chunk_baseline: bool = True
     chunk_threshold: float = 0.7  # embedding cosine at which a teacher sample matches the student's chunk
-    chunk_prior: float = 0.5
-    chunk_alpha: float = 1.0
-    chunk_teacher_temperature: float = 1.0
+    chunk_prior: float = 0.5  # the smoothed reward's prior share of matching samples
+    chunk_alpha: float = 1.0  # the prior's weight, in pseudo-samples
+    chunk_teacher_temperature: float = 1.0  # the API teacher's sampling temperature (0: greedy)
     chunk_kl_coef: float = 0.1  # weight of KL(student ‖ initial student) on the tokens outside chunks
     # --- methods (docs/methods.md); all off by default
     horizon_ratio: float = 1.0  # TOPD ρ: rollouts stop after ⌊ρ·max_new_tokens⌋ tokens
@@ -83,32 +94,34 @@ class TrainConfig:
     teacher_rules: str = ""  # "PATTERN => NAME; ...": route prompts to teachers by their text
     local_teacher_models: str = ""  # --model specs of the teacher opd train starts (no teacher_url)
     # --- optimisation
-    lr: float = 5e-5
-    lr_schedule: str = "constant"  # constant | cosine
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    lr: float = 5e-5  # AdamW learning rate
+    lr_schedule: LrSchedule = "constant"  # after warmup: constant, or cosine decay to 0 at the last step
+    warmup_steps: int = 0  # linear warmup of the learning rate over this many steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # clip the gradient's global norm to this (0: no clipping)
     micro_batch_size: int = 4  # sequences per forward/backward (gradient accumulation over the step)
-    bf16: str = "auto"  # auto: bf16 autocast where faster (CPU, CUDA); "true" / "false" to force
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    device: str = "auto"
+    bf16: Bf16 = "auto"  # auto: bf16 autocast where faster (CPU, CUDA); "true" / "false" to force
+    lora: bool = False  # train LoRA adapters (peft) instead of all weights; final/ holds them merged
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling α
+    device: str = "auto"  # auto (CUDA if available, else CPU), cpu, cuda, cuda:N
+    # dtype of the student's master weights; float64 (with bf16 false) makes runs that differ only in
+    # summation order (1 vs N ranks) agree to ~1e-12, which the tests use to compare code paths
+    weights_dtype: WeightsDtype = "float32"
     # Under torchrun: how gradients are synchronised (docs/scale.md). fsdp: FSDP2, parameters, gradients
     # and optimiser state sharded over the ranks; ddp: a whole copy per rank (faster for small students).
-    parallel: str = "fsdp"
+    parallel: Parallel = "fsdp"
     # --- bookkeeping
-    out: str = "runs/opd"
-    seed: int = 0
-    save_every: int = 10
-    keep_checkpoints: int = 2
+    out: str = "runs/opd"  # run directory: config, metrics.jsonl, checkpoints/, final/, report
+    seed: int = 0  # prompt order, rollout sampling and held-out samples all derive from it
+    save_every: int = 10  # checkpoint every N steps (and at the end or on SIGTERM; 0: only then)
+    keep_checkpoints: int = 2  # newest checkpoints kept
     eval_every: int = 0  # 0: evaluate only before the first and after the last step
-    eval_num_prompts: int = 32
-    eval_max_new_tokens: int = 48
+    eval_num_prompts: int = 32  # held-out prompts per evaluation (one seeded sample each)
+    eval_max_new_tokens: int = 48  # longest held-out answer, in tokens
 
     def __post_init__(self) -> None:
         checks = [
-            (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}; got {self.loss!r}"),
             (self.steps >= 1, f"steps must be >= 1; got {self.steps}"),
             (self.prompts_per_step >= 1, f"prompts_per_step must be >= 1; got {self.prompts_per_step}"),
             (self.samples_per_prompt >= 1, f"samples_per_prompt must be >= 1; got {self.samples_per_prompt}"),
@@ -122,23 +135,16 @@ class TrainConfig:
             (self.loss != "chunk" or self.gkd_lambda == 1, "loss chunk is on-policy only (gkd_lambda = 1)"),
             (self.chunk_num >= 1 and self.chunk_tokens >= 1, "chunk_num and chunk_tokens must be >= 1"),
             (self.chunk_samples >= 1, f"chunk_samples must be >= 1; got {self.chunk_samples}"),
-            (self.chunk_select in ("entropy", "even"), "chunk_select must be entropy or even"),
-            (self.chunk_reward in CHUNK_REWARDS, f"chunk_reward must be one of {', '.join(CHUNK_REWARDS)}"),
             (0 <= self.chunk_prior <= 1, f"chunk_prior must be in [0, 1]; got {self.chunk_prior}"),
             (self.chunk_alpha >= 0, f"chunk_alpha must be >= 0; got {self.chunk_alpha}"),
             (self.chunk_kl_coef >= 0, f"chunk_kl_coef must be >= 0; got {self.chunk_kl_coef}"),
             (self.max_staleness >= 0, f"max_staleness must be >= 0; got {self.max_staleness}"),
             (self.max_inflight_requests >= 1, "max_inflight_requests must be >= 1"),
             (self.micro_batch_size >= 1, f"micro_batch_size must be >= 1; got {self.micro_batch_size}"),
-            (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine"),
-            (self.bf16 in ("auto", "true", "false"), f"bf16 must be auto, true or false; got {self.bf16!r}"),
-            (
-                self.parallel in PARALLEL,
-                f"parallel must be one of {', '.join(PARALLEL)}; got {self.parallel!r}",
-            ),
             (self.save_every >= 0 and self.eval_every >= 0, "save_every and eval_every must be >= 0"),
         ]
-        problems = [message for ok, message in checks if not ok] + config_problems(self)
+        problems = literal_problems(self) + [message for ok, message in checks if not ok]
+        problems += config_problems(self)
         if problems:
             raise ValueError(f"config: {problems[0]}")
 
@@ -176,17 +182,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One --flag per TrainConfig field (default None, so only flags the user gave override the file)."""
     parser.add_argument("--config", type=Path, help="TOML or YAML file with TrainConfig settings")
-    hints = get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            base = next((t for t in (int, float) if kind is t), str)
-            parser.add_argument(
-                flag, type=base, default=None, metavar=f.name.upper(), help=f"(default: {f.default})"
-            )
+    add_dataclass_flags(parser, TrainConfig)
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from opd_student import losses
 from opd_student.distributed import SINGLE, World
-from opd_student.prompts import Prompt, load_prompts, render
+from opd_student.prompts import Prompt, load_prompts
+from opd_student.rollout_factory import RolloutFactory
 from opd_student.rollouts import (
     Rollout,
     pack,
@@ -33,44 +35,66 @@ from opd_student.teacher_link import TeacherLink
 EVAL_TOP_K = 20
 
 
+def heldout_rollouts(
+    model,
+    tokenizer,
+    factory: RolloutFactory,
+    prompts: list[Prompt],
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 8,
+    world: World = SINGLE,
+) -> Iterator[list[Rollout]]:
+    """This rank's held-out rollouts, `batch_size` prompts at a time: one sample per prompt, prompt i's
+    seeded by (seed, i), so the numbers do not depend on batch size or rank count. The model is in eval
+    mode while the caller consumes them (each batch is sampled after the previous one was used)."""
+    prompts, mine = eval_share(prompts, world)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(mine), batch_size):
+            part_idx = mine[start : start + batch_size]
+            part = [prompts[i] for i in part_idx]
+            prompt_ids = [factory.prompt_ids(p) for p in part]
+            completions = sample_completions(
+                model,
+                prompt_ids,
+                1,
+                max_new_tokens,
+                1.0,
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+                row_seeds=eval_seeds(seed, part_idx),
+            )
+            yield [
+                r
+                for p, ids, c in zip(part, prompt_ids, completions, strict=True)
+                for r in factory.group(p, ids, c)
+            ]
+    finally:
+        model.train(was_training)
+
+
 def evaluate(
     model,
     tokenizer,
     link: TeacherLink,
     prompts: list[Prompt],
+    factory: RolloutFactory,
     max_new_tokens: int,
-    teacher_model: str | None = None,
     seed: int = 1234,
     batch_size: int = 8,
     autocast: bool = False,
     world: World = SINGLE,
 ) -> dict[str, float]:
     """Sums over all ranks when several trainer processes share the prompts; every rank gets the result.
-    Prompt i's sample is seeded by (seed, i), so the numbers do not depend on batch size or rank count."""
-    prompts, mine = eval_share(prompts, world)
-    was_training = model.training
-    model.eval()
+    Each rollout is scored by the teacher it routes to, after the context training gives it (factory)."""
     rev_sum = fwd_sum = tokens = 0.0
     device_type = unwrap(model).device.type
-    for start in range(0, len(mine), batch_size):
-        chunk_idx = mine[start : start + batch_size]
-        chunk = [prompts[i] for i in chunk_idx]
-        prompt_ids = [render(p, tokenizer) for p in chunk]
-        completions = sample_completions(
-            model,
-            prompt_ids,
-            1,
-            max_new_tokens,
-            1.0,
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
-            row_seeds=eval_seeds(seed, chunk_idx),
-        )
-        rollouts = [
-            Rollout(ids, c[0], _teacher_prefix(p, tokenizer), p.teacher or teacher_model, p.id)
-            for p, ids, c in zip(chunk, prompt_ids, completions, strict=True)
-        ]
-        scores = link.collect(rollouts, link.submit(rollouts, EVAL_TOP_K), EVAL_TOP_K)
+    for rollouts in heldout_rollouts(
+        model, tokenizer, factory, prompts, max_new_tokens, seed, batch_size, world
+    ):
+        scores = link.collect(link.submit(rollouts, EVAL_TOP_K))
         batch = pack(rollouts, tokenizer.pad_token_id)
         teacher = teacher_tensors(scores, batch.mask_B_T.shape[1])
         with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
@@ -92,13 +116,12 @@ def evaluate(
             .item()
         )
         tokens += batch.num_tokens
-    model.train(was_training)
     rev_sum, fwd_sum, tokens = world.sum([rev_sum, fwd_sum, tokens])
     return {
         "eval/reverse_kl": rev_sum / tokens,
         "eval/topk_forward_kl": fwd_sum / tokens,
         "eval/tokens": int(tokens),
-        "eval/prompts": len(prompts),
+        "eval/prompts": len(eval_share(prompts, world)[0]),
     }
 
 
@@ -113,10 +136,6 @@ def eval_share(prompts: list[Prompt], world: World) -> tuple[list[Prompt], list[
 def eval_seeds(seed: int, prompt_indices: list[int]) -> list[int]:
     """One sampling seed per held-out prompt, by its index in the prompt list."""
     return [row_seed(seed, 1, i) for i in prompt_indices]
-
-
-def _teacher_prefix(prompt: Prompt, tokenizer) -> list[int] | None:
-    return render(prompt, tokenizer, for_teacher=True) if prompt.teacher_messages else None
 
 
 def register(subparsers) -> None:
@@ -149,7 +168,8 @@ def main(args: argparse.Namespace) -> None:
     link = TeacherLink(args.teacher_url, os.environ.get(args.api_key_env), 120.0, 4, 600.0)
     link.check(tokenizer, args.teacher_model)
     prompts = load_prompts(args.prompts)[: args.num_prompts]
-    result = evaluate(model, tokenizer, link, prompts, args.max_new_tokens, args.teacher_model, args.seed)
+    factory = RolloutFactory(tokenizer, args.teacher_model)
+    result = evaluate(model, tokenizer, link, prompts, factory, args.max_new_tokens, args.seed)
     link.close()
     print(
         f"student {path}\n  sampled reverse KL  {result['eval/reverse_kl']:.4f} nats/token\n"

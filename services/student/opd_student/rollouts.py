@@ -21,6 +21,7 @@ class Rollout:
     prompt_id: str = ""
     on_policy: bool = True  # False: a fixed dataset sequence (GKD mixing)
     loss_spans: list[list[int]] | None = None  # [start, end) characters of the completion the loss may use
+    teacher_chat: list[dict] | None = None  # the chat a text-based (black-box) teacher sees first
 
 
 def row_seed(*keys: int) -> int:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 from opd_client.errors import InvalidRequest, NotFound, OpdError, Unauthenticated
 from opd_client.http_client import HttpTeacherClient
 from opd_client.retry import RetryPolicy
-from opd_client.schema import ChunkScoreRequest, ChunkScoreResponse, ModelInfo
-from opd_client.scores import SequenceScores
+from opd_client.schema import ChunkScoreRequest, ModelInfo
 from opd_client.tokenizer_hash import tokenizer_sha256
 from opd_student.rollouts import Rollout
 
@@ -27,6 +29,15 @@ FATAL = (InvalidRequest, NotFound, Unauthenticated)
 
 class TeacherUnreachable(RuntimeError):
     pass
+
+
+@dataclass
+class Pending:
+    """n requests in flight: futures resolving to (indices, answers), and how to resend some of them."""
+
+    n: int
+    futures: list[Future]
+    resend: Callable[[list[int]], list[Future]]
 
 
 class TeacherLink:
@@ -84,23 +95,23 @@ class TeacherLink:
         return info
 
     def submit(
-        self,
-        rollouts: list[Rollout],
-        top_k: int,
-        score_ids: list | None = None,
-        only: list[int] | None = None,
-    ) -> list[Future]:
-        """One request per teacher name for the rollouts at `only` (default: all); futures resolve to
-        (indices into rollouts, list[SequenceScores])."""
-        groups: dict[str | None, list[int]] = {}
-        for i in range(len(rollouts)) if only is None else only:
-            groups.setdefault(rollouts[i].teacher, []).append(i)
-        return [
-            self._pool.submit(self._score, rollouts, idx, top_k, score_ids, name)
-            for name, idx in groups.items()
-        ]
+        self, rollouts: list[Rollout], top_k: int, score_ids: list | None = None, **options: Any
+    ) -> Pending:
+        """Token scores of every rollout: one request per teacher name (rollout.teacher). `score_ids` holds
+        one [T][M] id list per rollout; other options (e.g. return_hidden) go to client.score as they are."""
 
-    def _score(self, rollouts, idx, top_k, score_ids, name):
+        def send(only: list[int]) -> list[Future]:
+            groups: dict[str | None, list[int]] = {}
+            for i in only:
+                groups.setdefault(rollouts[i].teacher, []).append(i)
+            return [
+                self._pool.submit(self._score, rollouts, idx, top_k, score_ids, name, options)
+                for name, idx in groups.items()
+            ]
+
+        return Pending(len(rollouts), send(list(range(len(rollouts)))), send)
+
+    def _score(self, rollouts, idx, top_k, score_ids, name, options):
         sequences = []
         for i in idx:
             r = rollouts[i]
@@ -109,30 +120,22 @@ class TeacherLink:
                 seq["teacher_prefix_ids"] = r.teacher_prefix_ids
             sequences.append(seq)
         ids = [score_ids[i] for i in idx] if score_ids is not None else None
-        result = self.client.score(sequences, top_k=top_k, score_ids=ids, model=name)
+        result = self.client.score(sequences, top_k=top_k, score_ids=ids, model=name, **options)
         return idx, result.sequences
 
-    def submit_chunks(self, requests: list[ChunkScoreRequest], only: list[int] | None = None) -> list[Future]:
-        """One black-box chunk-score request per rollout (at `only`, default all); futures resolve to
-        ([index], [ChunkScoreResponse])."""
-        return [
-            self._pool.submit(lambda i: ([i], [self.client.chunk_score(requests[i])]), i)
-            for i in (range(len(requests)) if only is None else only)
-        ]
+    def submit_chunks(self, requests: list[ChunkScoreRequest]) -> Pending:
+        """One black-box chunk-score request per rollout."""
 
-    def collect_chunks(
-        self, requests: list[ChunkScoreRequest], futures: list[Future]
-    ) -> list[ChunkScoreResponse]:
-        """Chunk scores for every request, waiting out teacher (or teacher API) outages like collect()."""
-        return self._collect(len(requests), futures, lambda missing: self.submit_chunks(requests, missing))
+        def send(only: list[int]) -> list[Future]:
+            return [
+                self._pool.submit(lambda i: ([i], [self.client.chunk_score(requests[i])]), i) for i in only
+            ]
 
-    def collect(
-        self, rollouts: list[Rollout], futures: list[Future], top_k: int, score_ids: list | None = None
-    ) -> list[SequenceScores]:
-        """Scores for every rollout, waiting out teacher outages for up to wait_s."""
-        return self._collect(
-            len(rollouts), futures, lambda missing: self.submit(rollouts, top_k, score_ids, only=missing)
-        )
+        return Pending(len(requests), send(list(range(len(requests)))), send)
+
+    def collect(self, pending: Pending) -> list:
+        """Every answer of `pending`, in request order, waiting out teacher outages for up to wait_s."""
+        return self._collect(pending.n, pending.futures, pending.resend)
 
     def _collect(self, n: int, futures: list[Future], resubmit) -> list:
         """The n results of futures; on failure, wait (backoff) and resubmit the missing indices."""

@@ -27,7 +27,9 @@ from opd_student.distributed import SINGLE, World
 from opd_student.methods.filtering import confidence_weights, rollout_keep_mask, teacher_mean_logprobs
 from opd_student.methods.teachability import teachability, top_fraction
 from opd_student.methods.token_mask import TokenMaskRule
-from opd_student.rollouts import Rollout, TeacherTensors, pack, student_logprobs, teacher_tensors, unwrap
+from opd_student.microbatch import MicroBatch, no_grad_pass
+from opd_student.rollouts import Rollout, TeacherTensors, teacher_tensors
+from opd_student.student_model import Student
 
 
 class StepWeights:
@@ -103,6 +105,17 @@ class StepWeights:
         self.tokens_in_loss += int((weights_B_T > 0).sum())
         return weights_B_T
 
+    def reduce(self, local_tokens: int, total_tokens: float) -> None:
+        """After the step's last micro-batch: the weight sums over all ranks (a rank with no method active
+        counts its tokens with weight 1, as its unweighted loss does)."""
+        if not self.world.distributed:
+            return
+        local_weight = self.weight_sum if self.active else float(local_tokens)
+        local_in_loss = self.tokens_in_loss if self.active else local_tokens
+        any_active, weight_sum, in_loss = self.world.sum([float(self.active), local_weight, local_in_loss])
+        self.active = any_active > 0
+        self.total_tokens, self.weight_sum, self.tokens_in_loss = int(total_tokens), weight_sum, int(in_loss)
+
     def rescale_gradients(self, params) -> None:
         """Turn the accumulated gradient of Σ w ℓ / N into that of Σ w ℓ / Σ w (module docstring)."""
         if not self.active or self.weight_sum <= 0:
@@ -132,26 +145,22 @@ class StepWeights:
         return out
 
 
-@torch.no_grad()
 def teachability_pass(
-    cfg, lm, pad_token_id: int, rollouts: list[Rollout], scores: list[SequenceScores], bf16: bool
+    cfg, student: Student, rollouts: list[Rollout], scores: list[SequenceScores]
 ) -> list[Tensor]:
     """τ per completion token of every rollout, from a no-grad forward of the student (TA-OPD needs the
     whole step's scores before the first backward: the top fraction is taken over the step)."""
-    out: list[Tensor] = []
-    for start in range(0, len(rollouts), cfg.micro_batch_size):
-        chunk = rollouts[start : start + cfg.micro_batch_size]
-        batch = pack(chunk, pad_token_id)
-        teacher = teacher_tensors(scores[start : start + len(chunk)], batch.mask_B_T.shape[1])
-        with torch.autocast(unwrap(lm).device.type, dtype=torch.bfloat16, enabled=bf16):
-            logprobs_B_T_V = student_logprobs(lm, batch)
+
+    def taus(mb: MicroBatch) -> list[Tensor]:
+        teacher = teacher_tensors([scores[i] for i in mb.idx], mb.mask_B_T.shape[1])
         tau_B_T = teachability(
-            logprobs_B_T_V.float().cpu(),
+            mb.logprobs_B_T_V.float(),
             teacher.top_ids_B_T_K,
             teacher.top_logprobs_B_T_K,
             teacher.tail_logprob_B_T,
-            batch.mask_B_T,
+            mb.mask_B_T,
             cfg.ta_student_top_k,
         )
-        out += [tau_B_T[b, : len(r.completion_ids)] for b, r in enumerate(chunk)]
-    return out
+        return [tau_B_T[b, : len(rollouts[i].completion_ids)] for b, i in enumerate(mb.idx)]
+
+    return no_grad_pass(student, rollouts, cfg.micro_batch_size, taus)

@@ -1,0 +1,45 @@
+"""Teacher signals: one module per kind of teacher feedback, behind the interface of base.py.
+
+- token_scores.py   white-box token scores (POST /v1/score): the sampled token's logprob (reverse_kl), the
+                    teacher's top-k + tail (topk_forward_kl, jsd), the student's top-k (student_topk_reverse_kl)
+- chunk_rewards.py  a black-box teacher's chunk rewards (POST /v1/chunk-score): loss chunk
+
+`make_signal` picks the implementation for `cfg.loss`; a new signal adds one entry to SIGNALS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from opd_student.config import TrainConfig
+from opd_student.methods.options import MethodOptions
+from opd_student.rollout_factory import RolloutFactory
+from opd_student.signals.base import TeacherSignal
+from opd_student.signals.chunk_rewards import ChunkRewards, keeps_initial_weights
+from opd_student.signals.token_scores import SampledToken, StudentTopK, TeacherTopK
+from opd_student.student_model import Student
+from opd_student.teacher_link import TeacherLink
+
+Factory = Callable[[TrainConfig, Student, TeacherLink, RolloutFactory, MethodOptions], TeacherSignal]
+
+SIGNALS: dict[str, Factory] = {
+    "reverse_kl": SampledToken,
+    "topk_forward_kl": TeacherTopK,
+    "jsd": TeacherTopK,
+    "student_topk_reverse_kl": StudentTopK,
+    "chunk": lambda cfg, student, link, factory, methods: ChunkRewards(cfg, student, link, factory),
+}
+
+# Which signals need a frozen copy of the initial student (taken before sharding and checkpoint loading).
+KEEPS_INITIAL: dict[str, Callable[[TrainConfig], bool]] = {"chunk": keeps_initial_weights}
+
+
+def make_signal(
+    cfg: TrainConfig, student: Student, link: TeacherLink, factory: RolloutFactory, methods: MethodOptions
+) -> TeacherSignal:
+    return SIGNALS[cfg.loss](cfg, student, link, factory, methods)
+
+
+def keeps_initial(cfg: TrainConfig) -> bool:
+    rule = KEEPS_INITIAL.get(cfg.loss)
+    return bool(rule and rule(cfg))
