@@ -54,7 +54,7 @@ async def hold_worker(batcher: Batcher, recorder: Recorder) -> asyncio.Task:
 
 async def test_jobs_waiting_behind_a_forward_leave_as_one_batch_with_their_own_results(executor):
     rec = Recorder()
-    batcher = make(rec, executor, max_batch_tokens=100, max_wait_s=0.001)
+    batcher = make(rec, executor, max_batch_tokens=100, max_wait_ms=1)
     first = await hold_worker(batcher, rec)
     jobs = [asyncio.create_task(batcher.submit("k", [i, 10 + i], tokens=2)) for i in range(1, 6)]
     await asyncio.sleep(0.05)
@@ -68,7 +68,7 @@ async def test_jobs_waiting_behind_a_forward_leave_as_one_batch_with_their_own_r
 
 async def test_budget_splits_batches_and_keys_never_mix(executor):
     rec = Recorder()
-    batcher = make(rec, executor, max_batch_tokens=4, max_wait_s=0.001)
+    batcher = make(rec, executor, max_batch_tokens=4, max_wait_ms=1)
     first = await hold_worker(batcher, rec)
     specs = [("a", 2), ("b", 1), ("a", 2), ("a", 2), ("b", 1)]
     jobs = [asyncio.create_task(batcher.submit(key, [i], tokens=t)) for i, (key, t) in enumerate(specs)]
@@ -85,7 +85,7 @@ async def test_budget_splits_batches_and_keys_never_mix(executor):
 
 async def test_a_partial_batch_waits_for_company_but_not_longer_than_max_wait(executor):
     rec = Recorder()
-    batcher = make(rec, executor, max_batch_tokens=1000, max_wait_s=0.2)
+    batcher = make(rec, executor, max_batch_tokens=1000, max_wait_ms=200)
     started = time.monotonic()
     a = asyncio.create_task(batcher.submit("k", [1], tokens=1))
     await asyncio.sleep(0.05)
@@ -98,7 +98,7 @@ async def test_a_partial_batch_waits_for_company_but_not_longer_than_max_wait(ex
 
 async def test_a_full_budget_does_not_wait(executor):
     rec = Recorder()
-    batcher = make(rec, executor, max_batch_tokens=2, max_wait_s=5.0)
+    batcher = make(rec, executor, max_batch_tokens=2, max_wait_ms=5000)
     started = time.monotonic()
     assert await batcher.submit("k", [7], tokens=2) == [14]
     assert time.monotonic() - started < 1.0
@@ -106,7 +106,7 @@ async def test_a_full_budget_does_not_wait(executor):
 
 async def test_cancelled_jobs_leave_the_queue_and_never_run(executor):
     rec = Recorder()
-    batcher = make(rec, executor, max_batch_tokens=100, max_wait_s=0.001)
+    batcher = make(rec, executor, max_batch_tokens=100, max_wait_ms=1)
     first = await hold_worker(batcher, rec)
     gone = asyncio.create_task(batcher.submit("k", [99], tokens=50))
     kept = asyncio.create_task(batcher.submit("k", [5], tokens=1))
@@ -122,7 +122,7 @@ async def test_cancelled_jobs_leave_the_queue_and_never_run(executor):
 
 async def test_expired_jobs_are_dropped_before_compute(executor):
     rec = Recorder()
-    batcher = make(rec, executor, max_batch_tokens=100, max_wait_s=0.001)
+    batcher = make(rec, executor, max_batch_tokens=100, max_wait_ms=1)
     first = await hold_worker(batcher, rec)
     late = asyncio.create_task(batcher.submit("k", [42], tokens=1, deadline=time.monotonic() + 0.05))
     await asyncio.sleep(0.2)
@@ -137,7 +137,7 @@ async def test_expired_jobs_are_dropped_before_compute(executor):
 
 async def test_a_full_queue_refuses_with_a_retry_hint_and_recovers(executor):
     rec = Recorder()
-    batcher = make(rec, executor, max_batch_tokens=10, max_wait_s=0.001, max_queue_tokens=10)
+    batcher = make(rec, executor, max_batch_tokens=10, max_wait_ms=1, max_queue_tokens=10)
     first = await hold_worker(batcher, rec)
     queued = [asyncio.create_task(batcher.submit("k", [i], tokens=5)) for i in range(2)]
     await asyncio.sleep(0.05)
@@ -165,7 +165,7 @@ async def test_a_failing_forward_fails_its_jobs_and_the_loop_goes_on(executor):
             raise RuntimeError("out of memory")
         return items
 
-    batcher = Batcher("test", flaky, executor, BatchLimits(max_wait_s=0.001))
+    batcher = Batcher("test", flaky, executor, BatchLimits(max_wait_ms=1))
     with pytest.raises(RuntimeError, match="out of memory"):
         await batcher.submit("k", [1], tokens=1)
     assert await batcher.submit("k", [2], tokens=1) == [2]

@@ -17,7 +17,6 @@ from blackbox_helpers import API_MODEL, FaultProxy, start_llama_server
 
 from helpers import make_tiny_model, start_teacher
 from opd_client.errors import Overloaded, Unavailable, UpstreamError
-from opd_client.retry import RetryPolicy
 from opd_student.metrics_log import read_metrics
 from opd_teacher.blackbox.api_client import ApiLimits, ApiUsage, OpenAIChatAPI
 
@@ -47,8 +46,7 @@ def _disarmed(request):
 def complete(proxy: FaultProxy, timeout: float = 20.0, attempts: int = 4, max_backoff: float = 5.0):
     """(choices, usage, seconds) of one short completion through the proxy, or the exception it raised."""
     limits = ApiLimits(
-        timeout_s=timeout,
-        retry=RetryPolicy(max_attempts=attempts, initial_backoff_s=0.2, max_backoff_s=max_backoff, jitter=0),
+        timeout_s=timeout, max_attempts=attempts, initial_backoff_s=0.2, max_backoff_s=max_backoff, jitter=0
     )
 
     async def run():

@@ -150,7 +150,7 @@ def run_variant(cfg: BenchConfig, variant: str, arrays_out: Path | None = None) 
     started = time.perf_counter()
     limits = HFLimits(
         max_top_k=max(cfg.top_k, HFLimits.max_top_k),
-        score_chunk_tokens=cfg.chunk_tokens,
+        logits_block_tokens=cfg.chunk_tokens,
         max_batch_tokens=cfg.max_batch_tokens,
     )
     backend = HFBackend(cfg.model, cfg.model, dtype=cfg.dtype, device=cfg.device, limits=limits)
@@ -338,7 +338,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-len", type=int, default=d.prompt_len, help="tokens before the scored ones")
     parser.add_argument("--top-k", type=int, default=d.top_k)
     parser.add_argument(
-        "--chunk-tokens", type=int, default=d.chunk_tokens, help="HFLimits.score_chunk_tokens"
+        "--chunk-tokens", type=int, default=d.chunk_tokens, help="HFLimits.logits_block_tokens"
     )
     parser.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens)
     parser.add_argument("--device", default=d.device, help="auto|cpu|cuda")

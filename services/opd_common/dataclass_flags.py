@@ -3,7 +3,8 @@ default, choices and meaning.
 
 A field's `--help` text is its comment in the class body: the comment at the end of its line (or lines),
 else the comment lines right above it. Section headers (`# --- ...`) are not help. `Literal[...]` fields
-become `choices`, `bool` fields `--x / --no-x`, `X | None` fields take an X.
+become `choices`, `bool` fields `--x / --no-x`, `X | None` fields take an X. A flag's dest is its field's
+name, so `dataclass_from_args` builds the dataclass back from the parsed namespace.
 """
 
 from __future__ import annotations
@@ -13,17 +14,21 @@ import ast
 import dataclasses
 import inspect
 import io
+import sys
+import textwrap
 import tokenize
 import types
 import typing
 from functools import cache
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+T = TypeVar("T")
 
 
 @cache
 def field_help(cls: type) -> dict[str, str]:
     """{field name: its comment text} for the fields of dataclass `cls` that have one."""
-    source = inspect.getsource(cls)
+    source = textwrap.dedent(inspect.getsource(cls))  # a class defined in a function is indented
     comments: dict[int, str] = {}  # line number (1-based, in `source`) -> comment text
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
@@ -84,24 +89,34 @@ def add_dataclass_flags(
     defaults_from_cls: bool = False,
     skip: tuple[str, ...] = (),
     rename: dict[str, str] | None = None,
+    flag_prefix: str = "",
+    help_texts: dict[str, str] | None = None,
 ) -> None:
-    """One `--flag` per field of dataclass `cls` (underscores become dashes).
+    """One `--flag` per field of dataclass `cls`: `--{flag_prefix}{name}`, underscores become dashes.
 
     With `defaults_from_cls` the flags default to the fields' defaults (a parser that builds `cls` from
     its namespace); otherwise they default to None so that a config file's values survive (the caller
-    merges). The help text always names the default.
+    merges). The help text always names the default. `rename` gives some fields another flag (the whole
+    `--flag`); `help_texts` the help of fields whose class has no comment for them. Two flags with one
+    dest would silently share a value, so a field whose name another flag of `parser` already uses raises.
     """
     hints = get_type_hints(cls)
-    docs = field_help(cls)
+    docs = {**(help_texts or {}), **field_help(cls)}
     rename = rename or {}
+    taken = {action.dest for action in parser._actions}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = rename.get(f.name, "--" + f.name.replace("_", "-"))
+        if f.name in taken:
+            raise ValueError(f"{cls.__name__}.{f.name}: the parser already has a flag with dest {f.name!r}")
+        flag = rename.get(f.name, "--" + (flag_prefix + f.name).replace("_", "-"))
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
         text = docs.get(f.name, "")
-        help_text = f"{text} (default: {default})" if text else f"(default: {default})"
+        if default is None and "default" in text:
+            help_text = text  # the comment says what no value means ("default: the model's ...")
+        else:
+            help_text = f"{text} (default: {default})" if text else f"(default: {default})"
         given_default = default if defaults_from_cls else None
         if hint is bool:
             parser.add_argument(
@@ -122,6 +137,35 @@ def add_dataclass_flags(
             metavar=None if choices else f.name.upper(),
             help=help_text.replace("%", "%%"),
         )
+
+
+def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """`cls` from the values of its flags (add_dataclass_flags) in `args`; fields without a flag keep their
+    defaults."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def add_deprecated_alias(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, old: str, new: str
+) -> None:
+    """`old` as a hidden flag for the valued flag `new` (a renamed setting): it sets what `new` sets and
+    says on stderr that it is deprecated."""
+    target = parser._option_string_actions[new]
+
+    class DeprecatedAlias(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"warning: {old} is deprecated; use {new}", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+
+    parser.add_argument(
+        old,
+        action=DeprecatedAlias,
+        dest=target.dest,
+        type=target.type,
+        metavar=target.metavar,
+        default=argparse.SUPPRESS,  # the default is `new`'s
+        help=argparse.SUPPRESS,
+    )
 
 
 def literal_problems(obj: Any) -> list[str]:

@@ -3,7 +3,7 @@
 Both faces (HTTP, gRPC) submit to the same queue. A batch is formed when the forward worker is free: the
 oldest waiting job decides the batch key (jobs with another top_k or temperature wait for a later batch),
 compatible jobs join in arrival order while their tokens fit `max_batch_tokens`, and a batch that is not
-full waits at most `max_wait_s` for more. Jobs that were cancelled (client gone) or whose deadline passed
+full waits at most `max_wait_ms` for more. Jobs that were cancelled (client gone) or whose deadline passed
 are dropped before compute. The queue holds at most `max_queue_tokens`; beyond that submit() refuses at
 once with Overloaded (HTTP 429 / RESOURCE_EXHAUSTED) and a Retry-After estimated from measured throughput.
 
@@ -32,9 +32,20 @@ RunBatch = Callable[[Hashable, list[Any]], Sequence[Any]]
 
 @dataclass(frozen=True)
 class BatchLimits:
-    max_batch_tokens: int = 8192  # tokens per batch; one job larger than this runs alone
-    max_wait_s: float = 0.005  # how long a partial batch waits for company
-    max_queue_tokens: int = 65536  # waiting tokens beyond which new jobs are refused
+    """The batching and admission settings of `opd serve-teacher` (its flags are generated from these fields,
+    each comment is the flag's --help).
+
+    `max_batch_tokens` is the one budget of the service: the batcher groups requests by it, and the HF backend
+    packs each forward's padded tokens by it (the CLI hands it to HFLimits; it has no flag of its own there).
+    """
+
+    # tokens per batched forward (teacher view: context + completion): queued requests join a batch while it
+    # fits, one larger request runs alone; also the padded-token bound of one forward
+    max_batch_tokens: int = 8192
+    # milliseconds a partial batch waits for more requests when the forward worker is idle
+    max_wait_ms: float = 5.0
+    # tokens waiting in the queue beyond which requests get 429 / RESOURCE_EXHAUSTED + Retry-After
+    max_queue_tokens: int = 65536
 
 
 @dataclass(eq=False)
@@ -167,12 +178,12 @@ class Batcher:
                 )
 
     async def _wait_for_company(self) -> None:
-        """A partial batch waits up to max_wait_s after its oldest job arrived, unless the budget fills."""
+        """A partial batch waits up to max_wait_ms after its oldest job arrived, unless the budget fills."""
         while True:
             oldest = self._queue[0] if self._queue else None
             if oldest is None:
                 return
-            remaining = oldest.enqueued + self.limits.max_wait_s - time.monotonic()
+            remaining = oldest.enqueued + self.limits.max_wait_ms / 1000 - time.monotonic()
             if remaining <= 0 or self._compatible_tokens(oldest.key) >= self.limits.max_batch_tokens:
                 return
             self._arrived.clear()

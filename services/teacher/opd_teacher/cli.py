@@ -6,13 +6,19 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from opd_common.dataclass_flags import add_dataclass_flags, add_deprecated_alias, dataclass_from_args
 from opd_common.embedded import DEFAULT_TEACHER
+from opd_teacher.backends.base import Backend
+from opd_teacher.backends.hf import HFBackend, HFLimits
+from opd_teacher.batcher import BatchLimits
+from opd_teacher.blackbox.api_client import ApiLimits
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve-teacher",
         help="serve teacher models over HTTP and gRPC",
@@ -48,19 +54,17 @@ def register(subparsers) -> None:
         metavar="VAR",
         help="environment variable holding the API key (sent as 'Authorization: Bearer KEY')",
     )
-    api.add_argument("--api-max-concurrency", type=int, default=8, help="calls in flight to the API at once")
-    api.add_argument("--api-timeout", type=float, default=60.0, help="seconds per API call before a retry")
-    api.add_argument(
-        "--api-max-attempts",
-        type=int,
-        default=4,
-        help="tries per API call (first included) on 429/5xx, timeouts and unreadable answers",
-    )
-    api.add_argument(
-        "--api-max-backoff",
-        type=float,
-        default=30.0,
-        help="longest wait between tries; a longer Retry-After is passed on to our caller (429 + Retry-After)",
+    # calls, timeouts and retries: ApiLimits' fields as --api-max-concurrency, --api-timeout, ...
+    add_dataclass_flags(
+        api,
+        ApiLimits,
+        defaults_from_cls=True,
+        flag_prefix="api-",
+        rename={
+            "timeout_s": "--api-timeout",
+            "initial_backoff_s": "--api-initial-backoff",
+            "max_backoff_s": "--api-max-backoff",
+        },
     )
     api.add_argument(
         "--api-prefill",
@@ -86,56 +90,18 @@ def register(subparsers) -> None:
         help="file with accepted API keys, one per line; then every endpoint but health needs "
         "'Authorization: Bearer KEY'",
     )
-    p.add_argument("--max-top-k", type=int, default=1024, help="largest top_k a request may ask for")
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        default=65536,
-        help="tokens per request (teacher view, summed over sequences); more gets 413",
+    # Request limits and scoring: HFLimits' fields. Its max_batch_tokens is BatchLimits' (one budget for the
+    # batcher and the forwards, see BatchLimits), so it has one flag, from BatchLimits, and hf_loaders passes
+    # that value on.
+    add_dataclass_flags(
+        p,
+        HFLimits,
+        defaults_from_cls=True,
+        skip=("max_batch_tokens",),
+        help_texts={"max_top_k": "largest top_k a request may ask for"},  # HFLimits has no comment for it
     )
-    p.add_argument(
-        "--max-sequence-len",
-        type=int,
-        default=None,
-        help="tokens per sequence (default: the model's max_position_embeddings)",
-    )
-    p.add_argument(
-        "--max-batch-tokens",
-        type=int,
-        default=8192,
-        help="tokens per batched forward: queued requests are grouped up to this budget",
-    )
-    p.add_argument(
-        "--max-wait-ms",
-        type=float,
-        default=5.0,
-        help="how long a partial batch waits for more requests when the forward worker is idle",
-    )
-    p.add_argument(
-        "--max-queue-tokens",
-        type=int,
-        default=65536,
-        help="tokens waiting in the queue beyond which requests get 429 / RESOURCE_EXHAUSTED + Retry-After",
-    )
-    p.add_argument(
-        "--score-chunk-tokens",
-        type=int,
-        default=512,
-        help="positions whose logits are materialised at once (bounds peak memory)",
-    )
-    p.add_argument(
-        "--no-prefix-reuse",
-        dest="prefix_reuse",
-        action="store_false",
-        help="run every sequence in full, even when several in one batch share their prompt "
-        "(by default such a prompt runs once and its KV cache serves all of them)",
-    )
-    p.add_argument(
-        "--batch-invariant",
-        action="store_true",
-        help="score every sequence in its own forward, so results are bit-identical whatever else is "
-        "batched with them (reproducible teacher signal; costs throughput on GPU, little on CPU)",
-    )
+    add_deprecated_alias(p, "--score-chunk-tokens", "--logits-block-tokens")  # its former name
+    add_dataclass_flags(p, BatchLimits, defaults_from_cls=True)
     p.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests after SIGTERM"
     )
@@ -183,7 +149,6 @@ def main(args: argparse.Namespace) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from opd_teacher.batcher import BatchLimits
     from opd_teacher.server import ServerConfig, serve
 
     loaders = blackbox_loaders(args) if args.backend == "openai" else hf_loaders(args)
@@ -193,39 +158,23 @@ def main(args: argparse.Namespace) -> None:
         grpc_port=args.grpc_port or None,
         api_keys=read_api_keys(args.api_key_file),
         drain_timeout_s=args.drain_timeout,
-        batch=BatchLimits(
-            max_batch_tokens=args.max_batch_tokens,
-            max_wait_s=args.max_wait_ms / 1000,
-            max_queue_tokens=args.max_queue_tokens,
-        ),
+        batch=dataclass_from_args(BatchLimits, args),
     )
     asyncio.run(serve(config, loaders))
 
 
-def hf_loaders(args: argparse.Namespace) -> dict:
-    from opd_teacher.backends.hf import HFBackend, HFLimits
-
-    limits = HFLimits(
-        max_top_k=args.max_top_k,
-        max_tokens=args.max_tokens,
-        max_sequence_len=args.max_sequence_len,
-        max_batch_tokens=args.max_batch_tokens,
-        score_chunk_tokens=args.score_chunk_tokens,
-        prefix_reuse=args.prefix_reuse,
-        batch_invariant=args.batch_invariant,
-    )
+def hf_loaders(args: argparse.Namespace) -> dict[str, Callable[[], Backend]]:
+    limits = dataclass_from_args(HFLimits, args)  # max_batch_tokens: BatchLimits' flag, the same dest
     return {
         alias: partial(HFBackend, alias, path, dtype=args.dtype, device=args.device, limits=limits)
         for alias, path in parse_models(args.model, args.name).items()
     }
 
 
-def blackbox_loaders(args: argparse.Namespace) -> dict:
+def blackbox_loaders(args: argparse.Namespace) -> dict[str, Callable[[], Backend]]:
     """One black-box teacher from the --api-* flags; its key is read from the environment, never a flag."""
     import os
 
-    from opd_client.retry import RetryPolicy
-    from opd_teacher.blackbox.api_client import ApiLimits
     from opd_teacher.blackbox.backend import BlackBoxBackend
 
     if not args.api_base or not args.api_model:
@@ -238,18 +187,12 @@ def blackbox_loaders(args: argparse.Namespace) -> dict:
         if not api_key:
             raise SystemExit(f"error: --api-key-env {args.api_key_env}: that environment variable is not set")
     for flag, value, low in (
-        ("--api-max-concurrency", args.api_max_concurrency, 1),
-        ("--api-max-attempts", args.api_max_attempts, 1),
+        ("--api-max-concurrency", args.max_concurrency, 1),
+        ("--api-max-attempts", args.max_attempts, 1),
     ):
         if value < low:
             raise SystemExit(f"error: {flag} must be >= {low}; got {value}")
-    limits = ApiLimits(
-        max_concurrency=args.api_max_concurrency,
-        timeout_s=args.api_timeout,
-        retry=RetryPolicy(
-            max_attempts=args.api_max_attempts, initial_backoff_s=0.5, max_backoff_s=args.api_max_backoff
-        ),
-    )
+    limits = dataclass_from_args(ApiLimits, args)
     name = args.name[0] if args.name else args.api_model
     return {
         name: partial(

@@ -38,7 +38,7 @@ class HFLimits:
     max_tokens: int = 65536  # per request, teacher view (context + completion), summed over sequences
     max_sequence_len: int | None = None  # default: the model's max_position_embeddings
     max_batch_tokens: int = 8192  # padded tokens per forward
-    score_chunk_tokens: int = 512  # rows of logits materialised at once
+    logits_block_tokens: int = 512  # rows of logits materialised at once
     prefix_reuse: bool = True  # run a prompt shared by several items once (off: every item in full)
     # Every item in its own forward, so its floats never depend on its batch mates (CPU and GPU kernels
     # choose reduction orders by matrix shape). Costs GPU throughput; on CPU batching gains little anyway.
@@ -252,7 +252,7 @@ class HFBackend:
             top_k=top_k,
             temperature=temperature,
             score_ids_N_M=_pad_cat(score_ids) if has_score_ids else None,
-            chunk_tokens=self.limits.score_chunk_tokens,
+            chunk_tokens=self.limits.logits_block_tokens,
             softcap=self.softcap,
             ranks=ranks,
         )

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import httpx
@@ -33,12 +33,27 @@ _RETRY_STATUSES = {408, 409, 425, 429}
 
 @dataclass(frozen=True)
 class ApiLimits:
+    """How the black-box teacher calls its API; the `--api-*` flags of `opd serve-teacher` are generated from
+    these fields (each comment is the flag's --help), so the retry settings are plain fields here and
+    `retry` assembles them."""
+
     max_concurrency: int = 8  # calls in flight to the API at once
-    timeout_s: float = 60.0  # per call
-    retry: RetryPolicy = field(
-        default_factory=lambda: RetryPolicy(max_attempts=4, initial_backoff_s=0.5, max_backoff_s=30.0)
-    )
-    max_top_logprobs: int = 20  # what hosted APIs allow
+    timeout_s: float = 60.0  # seconds per API call before a retry
+    max_attempts: int = 4  # tries per API call (first included) on 429/5xx, timeouts and unreadable answers
+    initial_backoff_s: float = 0.5  # wait before the first retry; it doubles with each further try
+    # longest wait between tries; a longer Retry-After is passed on to our caller (429 + Retry-After)
+    max_backoff_s: float = 30.0
+    jitter: float = 0.2  # ± fraction of each wait, so several replicas do not retry in lockstep
+    max_top_logprobs: int = 20  # most top_logprobs asked of the API per token (what hosted APIs allow)
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            initial_backoff_s=self.initial_backoff_s,
+            max_backoff_s=self.max_backoff_s,
+            jitter=self.jitter,
+        )
 
 
 @dataclass
