@@ -85,12 +85,19 @@ def max_diff(got: SequenceScores, want: SequenceScores) -> float:
 
 
 def assert_close(got: SequenceScores, want: SequenceScores, teacher: SequenceScores) -> None:
-    """Logprobs within TOL; top ids equal wherever the teacher's neighbouring logprobs are not tied."""
+    """Logprobs within TOL; top ids equal wherever the teacher's neighbouring logprobs are not tied.
+
+    teacher holds one entry more than got and want (top-(K+1)): the K-th id is only fixed when the first
+    id outside the top-K is not tied with it (seen on an AVX-512 CPU without AMX: two ids 1e-6 apart at
+    the K-th place swapped between batch shapes).
+    """
     assert max_diff(got, want) <= TOL
-    gaps_T_K1 = np.abs(np.diff(teacher.top_logprobs_T_K, axis=-1))
-    untied_T_K = np.ones(teacher.top_ids_T_K.shape, dtype=bool)
-    untied_T_K[:, 1:] &= gaps_T_K1 > TOL
-    untied_T_K[:, :-1] &= gaps_T_K1 > TOL
+    K = got.top_ids_T_K.shape[1]
+    assert teacher.top_logprobs_T_K.shape[1] == K + 1
+    gaps_T_K = np.abs(np.diff(teacher.top_logprobs_T_K, axis=-1))
+    untied_T_K = np.ones(got.top_ids_T_K.shape, dtype=bool)
+    untied_T_K[:, 1:] &= gaps_T_K[:, : K - 1] > TOL
+    untied_T_K &= gaps_T_K > TOL
     np.testing.assert_array_equal(got.top_ids_T_K[untied_T_K], want.top_ids_T_K[untied_T_K])
 
 
@@ -103,9 +110,10 @@ def check(
     without = plain.score(items, top_k, temperature)
     for item, a, b in zip(items, got, without, strict=True):
         want = reference(plain, item, top_k, temperature)
-        assert_close(a, want, want)
-        assert_close(b, want, want)
-        assert_close(a, b, want)
+        ties = reference(plain, item, top_k + 1, temperature)
+        assert_close(a, want, ties)
+        assert_close(b, want, ties)
+        assert_close(a, b, ties)
     return got, log
 
 
@@ -250,10 +258,10 @@ def test_default_teacher_chat_prompt_with_four_rollouts():
     teacher.prefix_reuse = False  # the same weights, every item in full
     without = teacher.score(items, 20, 1.0)
     for item, a, b in zip(items, with_reuse, without, strict=True):
-        want = reference(teacher, item, 20, 1.0)
-        assert_close(a, want, want)
-        assert_close(b, want, want)
-        assert_close(a, b, want)
+        want, ties = reference(teacher, item, 20, 1.0), reference(teacher, item, 21, 1.0)
+        assert_close(a, want, ties)
+        assert_close(b, want, ties)
+        assert_close(a, b, ties)
 
 
 # ---- models that cannot share a prompt ----------------------------------------------------------------
@@ -292,8 +300,7 @@ def test_a_model_whose_cache_cannot_be_shared_falls_back_to_full_sequences(slidi
         got = backend.score(items, 8, 1.0)
     assert log == [(2, 21, 21)]
     for item, a in zip(items, got, strict=True):
-        want = reference(backend, item, 8, 1.0)
-        assert_close(a, want, want)
+        assert_close(a, reference(backend, item, 8, 1.0), reference(backend, item, 9, 1.0))
 
 
 # ---- the plan -----------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ def arm_summary(arm_dir: Path) -> dict[str, Any]:
                 "reverse_kl": evals[step]["eval/reverse_kl"],
                 "topk_forward_kl": evals[step]["eval/topk_forward_kl"],
                 "eval_tokens": evals[step]["eval/tokens"],
+                "exact_reverse_kl": evals[step].get("eval/exact_reverse_kl", math.nan),
             }
         )
     arm = BY_NAME[name]
@@ -73,6 +74,8 @@ def arm_summary(arm_dir: Path) -> dict[str, Any]:
         "kl_start": curve[0]["reverse_kl"] if curve else math.nan,
         "kl_end": curve[-1]["reverse_kl"] if curve else math.nan,
         "topk_forward_kl_end": curve[-1]["topk_forward_kl"] if curve else math.nan,
+        "exact_kl_start": curve[0]["exact_reverse_kl"] if curve else math.nan,
+        "exact_kl_end": curve[-1]["exact_reverse_kl"] if curve else math.nan,
     }
 
 
@@ -85,7 +88,7 @@ def table_markdown(arms: list[dict[str, Any]]) -> str:
     ranks = {name: i + 1 for i, name in enumerate(ranking(arms))}
     header = (
         "| rank | arm | tool | loss | steps | s/step | total s | teacher tokens | peak RSS MiB "
-        "| KL step 0 | KL end | top-20 fwd KL end |"
+        "| KL step 0 | KL end | exact KL step 0 | exact KL end | top-20 fwd KL end |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for a in arms:
@@ -93,12 +96,13 @@ def table_markdown(arms: list[dict[str, Any]]) -> str:
             f"| {ranks[a['arm']]} | {a['arm']} | {a['tool']} | {a['loss']} | {a['steps']} "
             f"| {a['time_per_step_s']:.2f} | {a['total_time_s']:.0f} | {a['teacher_tokens']} "
             f"| {a['peak_rss_mib']:.0f} | {a['kl_start']:.3f} | {a['kl_end']:.3f} "
-            f"| {a['topk_forward_kl_end']:.3f} |"
+            f"| {a['exact_kl_start']:.3f} | {a['exact_kl_end']:.3f} | {a['topk_forward_kl_end']:.3f} |"
         )
     notes = [
         "",
         "KL: held-out sampled reverse KL(student ‖ teacher) in nats/token (opd's evaluate(); lower is closer "
-        "to the teacher). s/step: training wall time per step without evaluation. total s: all steps, plus "
+        "to the teacher). exact KL: the same students' reverse KL over the full vocabulary (the teacher's "
+        "hidden states and head; nan where the teacher serves none). s/step: training wall time per step without evaluation. total s: all steps, plus "
         "for SFT the time the teacher took to sample its data. teacher tokens: completion tokens the teacher "
         "scored (SFT: generated). peak RSS: the training process.",
     ]
@@ -129,7 +133,7 @@ def versions() -> dict[str, Any]:
             out[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             out[package] = None
-    repo = Path(__file__).resolve().parents[4]
+    repo = Path(__file__).resolve().parent  # git finds the checkout from any folder inside it
     out["opd_commit"] = _git(repo, "rev-parse", "HEAD")
     status = _git(repo, "status", "--porcelain", "--untracked-files=no")
     out["opd_tree_dirty"] = None if status is None else bool(status)
