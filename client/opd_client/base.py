@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from opd_client import schema
 from opd_client.scores import ScoreResult
+
+if TYPE_CHECKING:  # opd_client.head imports torch; nothing else in the client does
+    from opd_client.head import TeacherHead
 
 SequenceLike = schema.Sequence | dict
 
@@ -19,6 +22,8 @@ def make_score_request(
     score_ids: list | None = None,
     model: str | None = None,
     format: str = "json",
+    return_hidden: bool = False,
+    hidden_dtype: str | None = None,
 ) -> schema.ScoreRequest:
     """Build (and type-check) a score request; sequences may be dicts with token_ids/prompt_len."""
     return schema.ScoreRequest(
@@ -30,6 +35,8 @@ def make_score_request(
         if score_ids is not None
         else None,
         format=format,
+        return_hidden=return_hidden,
+        hidden_dtype=hidden_dtype,
     )
 
 
@@ -57,6 +64,10 @@ class TeacherClient(Protocol):
         score_ids: list | None = None,
         model: str | None = None,
         logprob_dtype: schema.LogprobDtype = "float32",
+        return_hidden: bool = False,
+        hidden_dtype: str | None = None,
     ) -> ScoreResult: ...
+
+    def teacher_head(self, name: str | None = None) -> TeacherHead: ...
 
     def close(self) -> None: ...

@@ -14,29 +14,60 @@ from opd_client.errors import InvalidRequest
 from opd_client.scores import ScoreResult, SequenceScores
 from opd_client.v1 import teacher_pb2 as pb
 
-# (wire key, SequenceScores attribute, dtype after decoding). Logprob fields travel in the request's
-# logprob_dtype and decode to float32, so trainers see one dtype whatever was on the wire.
+# (wire key, SequenceScores attribute, kind). Logprob fields travel in the request's logprob_dtype and
+# hidden states in its hidden_dtype; both decode to float32, so trainers see one dtype whatever was on the
+# wire. Ids are int32 throughout.
 _SCORE_FIELDS = (
-    ("token_logprobs", "token_logprobs_T", "float32"),
-    ("top_ids", "top_ids_T_K", "int32"),
-    ("top_logprobs", "top_logprobs_T_K", "float32"),
-    ("tail_logprobs", "tail_logprob_T", "float32"),
-    ("score_logprobs", "score_logprobs_T_M", "float32"),
+    ("token_logprobs", "token_logprobs_T", "logprob"),
+    ("top_ids", "top_ids_T_K", "id"),
+    ("top_logprobs", "top_logprobs_T_K", "logprob"),
+    ("tail_logprobs", "tail_logprob_T", "logprob"),
+    ("score_logprobs", "score_logprobs_T_M", "logprob"),
+    ("hidden", "hidden_T_D", "hidden"),
 )
 LOGPROB_DTYPES = ("float32", "float16")
+HIDDEN_DTYPES = schema.HIDDEN_DTYPES
 # float16 overflows to -inf below -65504; such a logprob is probability 0 in any float, and a response
 # never holds -inf, so it is clamped (only reachable with a tiny temperature: the tail floor is -87.3).
+# Hidden states sent as float16 saturate the same way (bfloat16 has float32's range).
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+_BFLOAT16_NAN = np.uint16(0x7FC0)
 
 
 # ---- arrays -----------------------------------------------------------------------------------------
 
 
 def wire_array(array: np.ndarray, dtype: str) -> np.ndarray:
-    """`array` as contiguous little-endian `dtype`: the bytes every encoding below sends."""
+    """`array` as the contiguous little-endian words every encoding below sends (bfloat16: uint16 words)."""
+    if dtype == "bfloat16":
+        return _bfloat16_words(array)
     if dtype == "float16":
         array = np.clip(array, -_FLOAT16_MAX, _FLOAT16_MAX)
     return np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+
+
+def wire_values(array: np.ndarray, dtype: str) -> np.ndarray:
+    """The numbers the wire carries for `array` in `dtype` (rounded to it), as a numpy array: JSON lists."""
+    if dtype == "bfloat16":
+        return _from_bytes(_bfloat16_words(array).tobytes(), "bfloat16", array.shape, "float32")
+    return wire_array(array, dtype)
+
+
+def _bfloat16_words(array: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (ties to even), as the high 16 bits of each float32."""
+    values = np.ascontiguousarray(array, dtype="<f4")
+    bits = values.view("<u4").astype(np.uint64)  # 64 bits: adding the rounding bias must not wrap
+    words = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+    return np.where(np.isnan(values), _BFLOAT16_NAN, words)  # NaN stays NaN whatever its payload
+
+
+def _from_bytes(data: bytes, wire_dtype: str, shape, dtype: str) -> np.ndarray:
+    """Decode little-endian `wire_dtype` words to `dtype` (bfloat16 exactly: shifted into the high half)."""
+    if wire_dtype == "bfloat16":
+        raw = (np.frombuffer(data, dtype="<u2").astype("<u4") << 16).view("<f4")
+    else:
+        raw = np.frombuffer(data, dtype=np.dtype(wire_dtype).newbyteorder("<"))
+    return raw.reshape(tuple(shape)).astype(dtype)
 
 
 def encode_array(array: np.ndarray, dtype: str) -> dict:
@@ -48,8 +79,7 @@ def encode_array(array: np.ndarray, dtype: str) -> dict:
 def decode_array(value: dict | list, dtype: str) -> np.ndarray:
     """Inverse of encode_array (to `dtype` whatever the wire dtype); plain JSON lists are accepted too."""
     if isinstance(value, dict):
-        raw = np.frombuffer(base64.b64decode(value["data"]), dtype=np.dtype(value["dtype"]).newbyteorder("<"))
-        return raw.reshape(value["shape"]).astype(dtype)
+        return _from_bytes(base64.b64decode(value["data"]), value["dtype"], value["shape"], dtype)
     return np.asarray(value, dtype=dtype)
 
 
@@ -59,38 +89,52 @@ def tensor_to_proto(array: np.ndarray, dtype: str) -> pb.Tensor:
 
 
 def tensor_from_proto(tensor: pb.Tensor, dtype: str) -> np.ndarray:
-    """The array in `dtype` (float16 on the wire decodes exactly to float32)."""
-    raw = np.frombuffer(tensor.data, dtype=np.dtype(tensor.dtype).newbyteorder("<"))
-    return raw.reshape(tuple(tensor.shape)).astype(dtype)
+    """The array in `dtype` (float16 and bfloat16 on the wire decode exactly to float32)."""
+    return _from_bytes(tensor.data, tensor.dtype, tensor.shape, dtype)
 
 
-def _wire_dtype(decoded_dtype: str, logprob_dtype: str) -> str:
+def _wire_dtype(kind: str, logprob_dtype: str, hidden_dtype: str) -> str:
+    if kind == "id":
+        return "int32"
+    if kind == "hidden":
+        if hidden_dtype not in HIDDEN_DTYPES:
+            raise ValueError(f"hidden_dtype = {hidden_dtype!r} must be one of {HIDDEN_DTYPES}")
+        return hidden_dtype
     if logprob_dtype not in LOGPROB_DTYPES:
         raise ValueError(f"logprob_dtype = {logprob_dtype!r} must be one of {LOGPROB_DTYPES}")
-    return decoded_dtype if decoded_dtype == "int32" else logprob_dtype
+    return logprob_dtype
+
+
+def _decoded_dtype(kind: str) -> str:
+    return "int32" if kind == "id" else "float32"
 
 
 # ---- scores -----------------------------------------------------------------------------------------
 
 
-def scores_to_json(scores: SequenceScores, binary: bool = False, logprob_dtype: str = "float32") -> dict:
-    """JSON lists, or base64 arrays with `binary`; with float16 the lists hold the float16-rounded values."""
+def scores_to_json(
+    scores: SequenceScores,
+    binary: bool = False,
+    logprob_dtype: str = "float32",
+    hidden_dtype: str = "float32",
+) -> dict:
+    """JSON lists, or base64 arrays with `binary`; with 16-bit dtypes the lists hold the rounded values."""
     out = {}
-    for key, attr, dtype in _SCORE_FIELDS:
+    for key, attr, kind in _SCORE_FIELDS:
         array = getattr(scores, attr)
         if array is None:
             out[key] = None
             continue
-        wire = _wire_dtype(dtype, logprob_dtype)
-        out[key] = encode_array(array, wire) if binary else wire_array(array, wire).tolist()
+        wire = _wire_dtype(kind, logprob_dtype, hidden_dtype)
+        out[key] = encode_array(array, wire) if binary else wire_values(array, wire).tolist()
     return out
 
 
 def scores_from_json(body: dict) -> SequenceScores:
     fields = {}
-    for key, attr, dtype in _SCORE_FIELDS:
+    for key, attr, kind in _SCORE_FIELDS:
         value = body.get(key)
-        fields[attr] = None if value is None else decode_array(value, dtype)
+        fields[attr] = None if value is None else decode_array(value, _decoded_dtype(kind))
     # An empty completion decodes to shape (0,); keep [T, K] two-dimensional.
     for attr in ("top_ids_T_K", "top_logprobs_T_K", "score_logprobs_T_M"):
         if fields[attr] is not None and fields[attr].ndim == 1:
@@ -98,28 +142,35 @@ def scores_from_json(body: dict) -> SequenceScores:
     return SequenceScores(**fields)
 
 
-def scores_to_proto(scores: SequenceScores, logprob_dtype: str = "float32") -> pb.SequenceScores:
+def scores_to_proto(
+    scores: SequenceScores, logprob_dtype: str = "float32", hidden_dtype: str = "float32"
+) -> pb.SequenceScores:
     msg = pb.SequenceScores()
-    for key, attr, dtype in _SCORE_FIELDS:
+    for key, attr, kind in _SCORE_FIELDS:
         array = getattr(scores, attr)
         if array is not None:
-            getattr(msg, key).CopyFrom(tensor_to_proto(array, _wire_dtype(dtype, logprob_dtype)))
+            wire = _wire_dtype(kind, logprob_dtype, hidden_dtype)
+            getattr(msg, key).CopyFrom(tensor_to_proto(array, wire))
     return msg
 
 
 def scores_from_proto(msg: pb.SequenceScores) -> SequenceScores:
     fields = {}
-    for key, attr, dtype in _SCORE_FIELDS:
-        fields[attr] = tensor_from_proto(getattr(msg, key), dtype) if msg.HasField(key) else None
+    for key, attr, kind in _SCORE_FIELDS:
+        present = msg.HasField(key)
+        fields[attr] = tensor_from_proto(getattr(msg, key), _decoded_dtype(kind)) if present else None
     return SequenceScores(**fields)
 
 
 def score_result_to_json(result: ScoreResult, binary: bool = False, logprob_dtype: str = "float32") -> dict:
-    """The JSON body of POST /v1/score; `logprob_dtype` is the request's (float32 from the engine)."""
+    """The JSON body of POST /v1/score; `logprob_dtype` is the request's (float32 from the engine), the
+    hidden states go in result.hidden_dtype."""
+    hidden_dtype = result.hidden_dtype or "float32"
     return {
         "model": result.model,
-        "sequences": [scores_to_json(s, binary, logprob_dtype) for s in result.sequences],
+        "sequences": [scores_to_json(s, binary, logprob_dtype, hidden_dtype) for s in result.sequences],
         "usage": {"scored_tokens": result.scored_tokens, "forward_tokens": result.forward_tokens},
+        "hidden_dtype": result.hidden_dtype,
     }
 
 
@@ -129,24 +180,29 @@ def score_result_from_json(body: dict) -> ScoreResult:
         sequences=[scores_from_json(s) for s in body["sequences"]],
         scored_tokens=body["usage"]["scored_tokens"],
         forward_tokens=body["usage"]["forward_tokens"],
+        hidden_dtype=body.get("hidden_dtype"),
     )
 
 
 def score_result_to_proto(result: ScoreResult, logprob_dtype: str = "float32") -> pb.ScoreResponse:
     """The gRPC answer, and the HTTP body under `Accept: application/x-protobuf`."""
+    hidden_dtype = result.hidden_dtype or "float32"
     return pb.ScoreResponse(
         model=result.model,
-        sequences=[scores_to_proto(s, logprob_dtype) for s in result.sequences],
+        sequences=[scores_to_proto(s, logprob_dtype, hidden_dtype) for s in result.sequences],
         usage=pb.Usage(scored_tokens=result.scored_tokens, forward_tokens=result.forward_tokens),
     )
 
 
 def score_result_from_proto(msg: pb.ScoreResponse) -> ScoreResult:
+    # Each Tensor names its dtype; the hidden ones all carry the request's.
+    hidden = [s.hidden.dtype for s in msg.sequences if s.HasField("hidden")]
     return ScoreResult(
         model=msg.model,
         sequences=[scores_from_proto(s) for s in msg.sequences],
         scored_tokens=msg.usage.scored_tokens,
         forward_tokens=msg.usage.forward_tokens,
+        hidden_dtype=hidden[0] if hidden else None,
     )
 
 
@@ -166,7 +222,12 @@ def score_request_to_proto(req: schema.ScoreRequest) -> pb.ScoreRequest:
             msg.score_ids.extend(x for row in rows for x in row)
         sequences.append(msg)
     out = pb.ScoreRequest(
-        model=req.model or "", sequences=sequences, top_k=req.top_k, logprob_dtype=req.logprob_dtype
+        model=req.model or "",
+        sequences=sequences,
+        top_k=req.top_k,
+        logprob_dtype=req.logprob_dtype,
+        return_hidden=req.return_hidden,
+        hidden_dtype=req.hidden_dtype or "",
     )
     if req.temperature is not None:
         out.temperature = float(req.temperature)
@@ -206,15 +267,29 @@ def score_request_from_proto(msg: pb.ScoreRequest) -> schema.ScoreRequest:
         score_ids=score_ids,
         # Empty is proto3's unset string: the default. Anything else is checked by the schema's Literal.
         logprob_dtype=msg.logprob_dtype or "float32",
+        return_hidden=msg.return_hidden,
+        hidden_dtype=msg.hidden_dtype or None,  # empty: the model's dtype
     )
 
 
+# ModelInfo fields that are null in JSON and 0 / "" in the proto (proto3 scalars have no null).
+_INFO_ZERO_IS_NULL = ("hidden_size", "head_sha256", "tokenizer_vocab_size")
+
+
 def model_info_to_proto(info: schema.ModelInfo) -> pb.ModelInfo:
-    return pb.ModelInfo(**info.model_dump())
+    return pb.ModelInfo(**{k: v for k, v in info.model_dump().items() if v is not None})
 
 
 def model_info_from_proto(msg: pb.ModelInfo) -> schema.ModelInfo:
-    return schema.ModelInfo(**{f: getattr(msg, f) for f in schema.ModelInfo.model_fields})
+    fields = {}
+    for name in schema.ModelInfo.model_fields:
+        if msg.DESCRIPTOR.fields_by_name[name].has_presence and not msg.HasField(name):
+            continue  # an unset `optional`: the schema's default
+        value = getattr(msg, name)
+        if name in _INFO_ZERO_IS_NULL and not value:
+            continue
+        fields[name] = value
+    return schema.ModelInfo(**fields)
 
 
 # ---- black-box chunk scoring ------------------------------------------------------------------------

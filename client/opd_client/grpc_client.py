@@ -17,11 +17,12 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from opd_client import convert, schema
+from opd_client import convert, head_cache, schema
 from opd_client.base import SequenceLike, make_score_request
 from opd_client.endpoints import grpc_target
 from opd_client.errors import OpdError, TooManyTokens, error_for_grpc
@@ -29,6 +30,9 @@ from opd_client.retry import RetryPolicy, parse_retry_after
 from opd_client.scores import ScoreResult
 from opd_client.v1 import teacher_pb2 as pb
 from opd_client.v1 import teacher_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:  # opd_client.head imports torch, loaded only when a head is asked for
+    from opd_client.head import TeacherHead
 
 logger = logging.getLogger(__name__)
 
@@ -100,17 +104,54 @@ class GrpcTeacherClient:
         score_ids: list | None = None,
         model: str | None = None,
         logprob_dtype: schema.LogprobDtype = "float32",
+        return_hidden: bool = False,
+        hidden_dtype: str | None = None,
     ) -> ScoreResult:
         """Teacher scores of each sequence's completion.
 
         logprob_dtype="float16" halves the logprob bytes on the wire (~3 significant digits); the arrays
-        returned are float32 either way.
+        returned are float32 either way. return_hidden / hidden_dtype: as HttpTeacherClient.score.
         """
-        req = make_score_request(sequences, top_k, temperature=temperature, score_ids=score_ids, model=model)
+        req = make_score_request(
+            sequences,
+            top_k,
+            temperature=temperature,
+            score_ids=score_ids,
+            model=model,
+            return_hidden=return_hidden,
+            hidden_dtype=hidden_dtype,
+        )
         # Not validated here: the service checks logprob_dtype and names the field (INVALID_ARGUMENT).
         req = req.model_copy(update={"logprob_dtype": logprob_dtype})
         reply = self._call("Score", convert.score_request_to_proto(req))
         return convert.score_result_from_proto(reply)
+
+    def teacher_head(self, name: str | None = None) -> TeacherHead:
+        """Teacher `name`'s output head (default: the first), fetched once with GetHead into the cache
+        (opd_client.head_cache) and verified against GetInfo's head_sha256."""
+        info = head_cache.head_info(self.models(), name)
+        data = head_cache.cached_bytes(info)
+        if data is None:
+            self._download_head(info)
+            data = head_cache.cached_bytes(info)
+        return head_cache.load(data, info)
+
+    def _download_head(self, info: schema.ModelInfo) -> None:
+        """GetHead into the cache (HeadDownload verifies the sha256), retried like unary calls."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with head_cache.HeadDownload(info) as sink:
+                    request = pb.GetHeadRequest(model=info.name)
+                    for chunk in self._stub.GetHead(request, metadata=self._metadata, timeout=None):
+                        if chunk.offset != sink.bytes:
+                            raise OpdError(f"GetHead sent offset {chunk.offset} after {sink.bytes} bytes")
+                        sink.write(chunk.data)
+                    sink.finish()
+                    return
+            except grpc.RpcError as e:
+                self._wait_or_raise(_error_for_rpc(e, f"GetHead at {self.target}"), attempt, "GetHead", e)
 
     def chunk_score(self, request: schema.ChunkScoreRequest | dict) -> schema.ChunkScoreResponse:
         """Black-box scoring of one student completion (ChunkScore); the same answer as HTTP's."""

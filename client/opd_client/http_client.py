@@ -19,18 +19,22 @@ import asyncio
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from typing import TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import httpx
 
+from opd_client import head_cache, schema
 from opd_client import http_wire as wire
-from opd_client import schema
 from opd_client.base import SequenceLike
 from opd_client.endpoints import Endpoints
 from opd_client.errors import OpdError
 from opd_client.http_wire import ScoreFormat
 from opd_client.retry import RetryPolicy
 from opd_client.scores import ScoreResult
+
+if TYPE_CHECKING:  # opd_client.head imports torch, loaded only when a head is asked for
+    from opd_client.head import TeacherHead
 
 _T = TypeVar("_T")
 
@@ -89,15 +93,54 @@ class HttpTeacherClient:
         model: str | None = None,
         logprob_dtype: schema.LogprobDtype = "float32",
         format: ScoreFormat = "protobuf",
+        return_hidden: bool = False,
+        hidden_dtype: str | None = None,
     ) -> ScoreResult:
         """Teacher scores of each sequence's completion.
 
         format: "protobuf" (default, raw arrays: 8·K + 8 bytes per scored position), "binary" (base64 in
         JSON, 4/3 of that) or "json" (lists, for debugging). logprob_dtype="float16" halves the logprob
         bytes at ~3 significant digits; the arrays returned are float32 either way.
+
+        return_hidden: each sequence also carries hidden_T_D, the teacher's final hidden states (float32
+        whatever hidden_dtype carried them: "float32", "bfloat16" or "float16", default the model's
+        dtype); with teacher_head() they give the full distribution (opd_client.head). top_k may be 0.
         """
-        request = wire.score_request(sequences, top_k, temperature, score_ids, model, format, logprob_dtype)
+        request = wire.score_request(
+            sequences,
+            top_k,
+            temperature,
+            score_ids,
+            model,
+            format,
+            logprob_dtype,
+            return_hidden,
+            hidden_dtype,
+        )
         return self._call(request, wire.score_or_error)
+
+    def teacher_head(self, name: str | None = None) -> TeacherHead:
+        """Teacher `name`'s output head (default: the first teacher), downloaded once into the cache
+        (opd_client.head_cache) and verified against the sha256 that /v1/models announces."""
+        info = head_cache.head_info(self.models(), name)
+        data = head_cache.cached_bytes(info)
+        if data is None:
+            self._call(
+                wire.head_request(info.name), lambda url: self._download_head(url, info), streamed=True
+            )
+            data = head_cache.cached_bytes(info)
+        return head_cache.load(data, info)
+
+    def _download_head(self, url: str, info: schema.ModelInfo) -> Path:
+        request = wire.head_request(info.name)
+        with self._http.stream("GET", url + request.path, headers={"Accept": request.accept}) as response:
+            if not response.is_success:
+                response.read()
+                raise wire.error_from_response(request, response)
+            with head_cache.HeadDownload(info) as sink:
+                for chunk in response.iter_bytes(wire.HEAD_CHUNK_BYTES):
+                    sink.write(chunk)
+                return sink.finish()
 
     def chunk_score(self, request: schema.ChunkScoreRequest | dict) -> schema.ChunkScoreResponse:
         """Black-box scoring of one student completion (a teacher served with --backend openai): per
@@ -107,11 +150,16 @@ class HttpTeacherClient:
     def _call(
         self,
         request: wire.Request,
-        decode: Callable[[wire.Request, httpx.Response], _T] = wire.body_or_error,
+        decode: Callable = wire.body_or_error,
+        streamed: bool = False,
     ) -> _T:
+        """decode(request, response) of the answer, with retries; with `streamed`, decode(url) sends the
+        request itself (a download that must not be read into memory at once)."""
         for attempt in range(1, max(1, self.retry.max_attempts) + 1):
             url = self.endpoints.pick()
             try:
+                if streamed:
+                    return decode(url)
                 response = self._http.request(
                     request.method, url + request.path, json=request.body, headers={"Accept": request.accept}
                 )
@@ -184,9 +232,45 @@ class AsyncHttpTeacherClient:
         model: str | None = None,
         logprob_dtype: schema.LogprobDtype = "float32",
         format: ScoreFormat = "protobuf",
+        return_hidden: bool = False,
+        hidden_dtype: str | None = None,
     ) -> ScoreResult:
-        request = wire.score_request(sequences, top_k, temperature, score_ids, model, format, logprob_dtype)
+        request = wire.score_request(
+            sequences,
+            top_k,
+            temperature,
+            score_ids,
+            model,
+            format,
+            logprob_dtype,
+            return_hidden,
+            hidden_dtype,
+        )
         return await self._call(request, wire.score_or_error)
+
+    async def teacher_head(self, name: str | None = None) -> TeacherHead:
+        """As HttpTeacherClient.teacher_head (hashing and loading the file run on this thread)."""
+        info = head_cache.head_info(await self.models(), name)
+        data = head_cache.cached_bytes(info)
+        if data is None:
+            await self._call(
+                wire.head_request(info.name), lambda url: self._download_head(url, info), streamed=True
+            )
+            data = head_cache.cached_bytes(info)
+        return head_cache.load(data, info)
+
+    async def _download_head(self, url: str, info: schema.ModelInfo) -> Path:
+        request = wire.head_request(info.name)
+        async with self._http.stream(
+            "GET", url + request.path, headers={"Accept": request.accept}
+        ) as response:
+            if not response.is_success:
+                await response.aread()
+                raise wire.error_from_response(request, response)
+            with head_cache.HeadDownload(info) as sink:
+                async for chunk in response.aiter_bytes(wire.HEAD_CHUNK_BYTES):
+                    sink.write(chunk)
+                return sink.finish()
 
     async def chunk_score(self, request: schema.ChunkScoreRequest | dict) -> schema.ChunkScoreResponse:
         return wire.chunk_scores_from_body(await self._call(wire.chunk_score_request(request)))
@@ -194,11 +278,14 @@ class AsyncHttpTeacherClient:
     async def _call(
         self,
         request: wire.Request,
-        decode: Callable[[wire.Request, httpx.Response], _T] = wire.body_or_error,
+        decode: Callable = wire.body_or_error,
+        streamed: bool = False,
     ) -> _T:
         for attempt in range(1, max(1, self.retry.max_attempts) + 1):
             url = self.endpoints.pick()
             try:
+                if streamed:
+                    return await decode(url)
                 response = await self._http.request(
                     request.method, url + request.path, json=request.body, headers={"Accept": request.accept}
                 )

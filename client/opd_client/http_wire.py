@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import quote
 
 import httpx
 from google.protobuf.message import DecodeError
@@ -36,6 +37,9 @@ PROTOBUF = "application/x-protobuf"
 # Errors are JSON whatever we ask for, so JSON stays acceptable, ranked below protobuf.
 ACCEPT_PROTOBUF = f"{PROTOBUF}, {JSON};q=0.5"
 ScoreFormat = Literal["protobuf", "binary", "json"]
+OCTET_STREAM = "application/octet-stream"
+# A head's bytes arrive in pieces of this size (the service streams 4 MiB chunks).
+HEAD_CHUNK_BYTES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,8 @@ def score_request(
     model: str | None,
     format: ScoreFormat,
     logprob_dtype: schema.LogprobDtype,
+    return_hidden: bool = False,
+    hidden_dtype: str | None = None,
 ) -> Request:
     protobuf = format == "protobuf"
     req = make_score_request(
@@ -86,12 +92,19 @@ def score_request(
         score_ids=score_ids,
         model=model,
         format="json" if protobuf else format,  # the JSON-body format; Accept decides on protobuf
+        return_hidden=return_hidden,
+        hidden_dtype=hidden_dtype,
     )
     # Not validated here: the service checks logprob_dtype and names the field in its error, the same
     # answer every client gets.
     req = req.model_copy(update={"logprob_dtype": logprob_dtype})
     body = req.model_dump(exclude_none=True, exclude={"format"} if protobuf else None)
     return Request("POST", "/v1/score", body, accept=ACCEPT_PROTOBUF if protobuf else JSON)
+
+
+def head_request(name: str) -> Request:
+    """GET the safetensors bytes of teacher `name`'s output head (streamed; see opd_client.head_cache)."""
+    return Request("GET", f"/v1/models/{quote(name, safe='')}/head", accept=OCTET_STREAM)
 
 
 def chunk_score_request(req: schema.ChunkScoreRequest | dict) -> Request:

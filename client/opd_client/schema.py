@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 # dtype of the logprob arrays in a score answer; ids are always int32. Clients decode either to float32.
 LogprobDtype = Literal["float32", "float16"]
+# dtype of the hidden states (return_hidden) on the wire; clients decode any to float32. bfloat16 has no
+# numpy dtype: its arrays are 2-byte little-endian words, the high half of the float32 with that value.
+HIDDEN_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class _Strict(BaseModel):
@@ -47,24 +50,44 @@ class ScoreRequest(_Strict):
         description="float16 halves the logprob bytes (~3 significant digits, |error| <= 2^-11·|x| + 2^-25); "
         "with format=json the numbers are the float16-rounded values. ids stay int32",
     )
+    return_hidden: StrictBool = Field(
+        default=False,
+        description="also return `hidden` [T, D] per sequence: the teacher's final hidden states, which with "
+        "its head (GET /v1/models/{name}/head) give the full distribution. top_k may then be 0 (no logprobs)",
+    )
+    # A string checked by the service (400 naming the field), not a Literal (a 422 from the schema).
+    hidden_dtype: StrictStr | None = Field(
+        default=None,
+        description="dtype of `hidden` on the wire: float32, bfloat16 or float16; default: the model's dtype",
+    )
 
 
 class EncodedArray(BaseModel):
     """A dense little-endian array in base64 (the `binary` response format)."""
 
-    dtype: Literal["int32", "float32", "float16"]
+    dtype: Literal["int32", "float32", "float16", "bfloat16"]
     shape: list[int]
     data: str
 
 
 class SequenceScores(BaseModel):
-    """Per completion position t (T = len(token_ids) - prompt_len)."""
+    """Per completion position t (T = len(token_ids) - prompt_len); the four logprob fields are null when
+    the request had top_k = 0 (return_hidden only)."""
 
-    token_logprobs: list[float] | EncodedArray = Field(description="[T] logprob of the actual token")
-    top_ids: list[list[int]] | EncodedArray = Field(description="[T, K] descending by logprob")
-    top_logprobs: list[list[float]] | EncodedArray = Field(description="[T, K]")
-    tail_logprobs: list[float] | EncodedArray = Field(description="[T] log(1 - sum of top-k p), finite")
+    token_logprobs: list[float] | EncodedArray | None = Field(
+        default=None, description="[T] logprob of the actual token"
+    )
+    top_ids: list[list[int]] | EncodedArray | None = Field(default=None, description="[T, K] descending")
+    top_logprobs: list[list[float]] | EncodedArray | None = Field(default=None, description="[T, K]")
+    tail_logprobs: list[float] | EncodedArray | None = Field(
+        default=None, description="[T] log(1 - sum of top-k p), finite"
+    )
     score_logprobs: list[list[float]] | EncodedArray | None = Field(default=None, description="[T, M]")
+    hidden: list[list[float]] | EncodedArray | None = Field(
+        default=None,
+        description="[T, D] with return_hidden: row t is the teacher's final hidden state (after its final "
+        "norm) at the position predicting completion token t, in the request's hidden_dtype",
+    )
 
 
 class Usage(BaseModel):
@@ -76,6 +99,7 @@ class ScoreResponse(BaseModel):
     model: str
     sequences: list[SequenceScores]
     usage: Usage
+    hidden_dtype: str | None = Field(default=None, description="the dtype of `hidden`; null without it")
 
 
 class ModelInfo(BaseModel):
@@ -92,6 +116,22 @@ class ModelInfo(BaseModel):
     black_box: bool = Field(
         default=False,
         description="an OpenAI-compatible API teacher: POST /v1/chunk-score only (no logprobs of given ids)",
+    )
+    # What turns a hidden state into logits, with the head of GET /v1/models/{name}/head (docs/api.md):
+    # logits = (h · weightᵀ + bias) · logit_scale, then tanh(x / c) · c with c = final_logit_softcapping.
+    hidden_size: int | None = Field(
+        default=None, description="D of `hidden`; null: this teacher gives no hidden states"
+    )
+    head_sha256: str | None = Field(
+        default=None, description="sha256 of the head's safetensors bytes (null without hidden states)"
+    )
+    logit_scale: float = Field(default=1.0, description="logits = (h · weightᵀ + bias) · logit_scale")
+    final_logit_softcapping: float | None = Field(
+        default=None, description="c: logits become tanh(logits / c) · c (Gemma 2); null: none"
+    )
+    tokenizer_vocab_size: int | None = Field(
+        default=None,
+        description="len(tokenizer); head rows from here to vocab_size are padding the tokenizer never emits",
     )
 
 

@@ -23,7 +23,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "revision", "vocab_size", "tokenizer_sha256", "max_top_k", "max_tokens", "max_sequence_len", "dtype", "device", "source", "black_box")
+    __slots__ = ("name", "revision", "vocab_size", "tokenizer_sha256", "max_top_k", "max_tokens", "max_sequence_len", "dtype", "device", "source", "black_box", "hidden_size", "head_sha256", "logit_scale", "final_logit_softcapping", "tokenizer_vocab_size")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,11 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     BLACK_BOX_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_SCALE_FIELD_NUMBER: _ClassVar[int]
+    FINAL_LOGIT_SOFTCAPPING_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     revision: str
     vocab_size: int
@@ -46,7 +51,12 @@ class ModelInfo(_message.Message):
     device: str
     source: str
     black_box: bool
-    def __init__(self, name: _Optional[str] = ..., revision: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_sha256: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_sequence_len: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., source: _Optional[str] = ..., black_box: _Optional[bool] = ...) -> None: ...
+    hidden_size: int
+    head_sha256: str
+    logit_scale: float
+    final_logit_softcapping: float
+    tokenizer_vocab_size: int
+    def __init__(self, name: _Optional[str] = ..., revision: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_sha256: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_sequence_len: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., source: _Optional[str] = ..., black_box: _Optional[bool] = ..., hidden_size: _Optional[int] = ..., head_sha256: _Optional[str] = ..., logit_scale: _Optional[float] = ..., final_logit_softcapping: _Optional[float] = ..., tokenizer_vocab_size: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
@@ -73,32 +83,38 @@ class Sequence(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., prompt_len: _Optional[int] = ..., teacher_prefix_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., score_ids: _Optional[_Iterable[int]] = ..., num_score_ids: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("model", "sequences", "top_k", "temperature", "logprob_dtype")
+    __slots__ = ("model", "sequences", "top_k", "temperature", "logprob_dtype", "return_hidden", "hidden_dtype")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     sequences: _containers.RepeatedCompositeFieldContainer[Sequence]
     top_k: int
     temperature: float
     logprob_dtype: str
-    def __init__(self, model: _Optional[str] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., logprob_dtype: _Optional[str] = ...) -> None: ...
+    return_hidden: bool
+    hidden_dtype: str
+    def __init__(self, model: _Optional[str] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., logprob_dtype: _Optional[str] = ..., return_hidden: _Optional[bool] = ..., hidden_dtype: _Optional[str] = ...) -> None: ...
 
 class SequenceScores(_message.Message):
-    __slots__ = ("token_logprobs", "top_ids", "top_logprobs", "tail_logprobs", "score_logprobs")
+    __slots__ = ("token_logprobs", "top_ids", "top_logprobs", "tail_logprobs", "score_logprobs", "hidden")
     TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TAIL_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     SCORE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
     token_logprobs: Tensor
     top_ids: Tensor
     top_logprobs: Tensor
     tail_logprobs: Tensor
     score_logprobs: Tensor
-    def __init__(self, token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_ids: _Optional[_Union[Tensor, _Mapping]] = ..., top_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., tail_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., score_logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    hidden: Tensor
+    def __init__(self, token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., top_ids: _Optional[_Union[Tensor, _Mapping]] = ..., top_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., tail_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., score_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("scored_tokens", "forward_tokens")
@@ -147,6 +163,26 @@ class ScoreStreamResponse(_message.Message):
     response: ScoreResponse
     error: Error
     def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[ScoreResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class GetHeadRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class HeadChunk(_message.Message):
+    __slots__ = ("model", "sha256", "total_bytes", "offset", "data")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    sha256: str
+    total_bytes: int
+    offset: int
+    data: bytes
+    def __init__(self, model: _Optional[str] = ..., sha256: _Optional[str] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")

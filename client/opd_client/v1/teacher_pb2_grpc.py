@@ -55,6 +55,11 @@ class TeacherStub:
                 request_serializer=opd__client_dot_v1_dot_teacher__pb2.ChunkScoreRequest.SerializeToString,
                 response_deserializer=opd__client_dot_v1_dot_teacher__pb2.ChunkScoreResponse.FromString,
                 _registered_method=True)
+        self.GetHead = channel.unary_stream(
+                '/opd.v1.Teacher/GetHead',
+                request_serializer=opd__client_dot_v1_dot_teacher__pb2.GetHeadRequest.SerializeToString,
+                response_deserializer=opd__client_dot_v1_dot_teacher__pb2.HeadChunk.FromString,
+                _registered_method=True)
 
 
 class TeacherServicer:
@@ -91,6 +96,15 @@ class TeacherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetHead(self, request, context):
+        """The teacher's output head as safetensors bytes (tensor "weight" [V, D], "bias" [V] if the model has
+        one), in chunks of at most 2 MiB; their concatenation hashes to ModelInfo.head_sha256. With it and
+        ScoreRequest.return_hidden a trainer computes the teacher's full distribution (docs/api.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TeacherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +127,11 @@ def add_TeacherServicer_to_server(servicer, server):
                     servicer.ChunkScore,
                     request_deserializer=opd__client_dot_v1_dot_teacher__pb2.ChunkScoreRequest.FromString,
                     response_serializer=opd__client_dot_v1_dot_teacher__pb2.ChunkScoreResponse.SerializeToString,
+            ),
+            'GetHead': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetHead,
+                    request_deserializer=opd__client_dot_v1_dot_teacher__pb2.GetHeadRequest.FromString,
+                    response_serializer=opd__client_dot_v1_dot_teacher__pb2.HeadChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +243,33 @@ class Teacher:
             '/opd.v1.Teacher/ChunkScore',
             opd__client_dot_v1_dot_teacher__pb2.ChunkScoreRequest.SerializeToString,
             opd__client_dot_v1_dot_teacher__pb2.ChunkScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/opd.v1.Teacher/GetHead',
+            opd__client_dot_v1_dot_teacher__pb2.GetHeadRequest.SerializeToString,
+            opd__client_dot_v1_dot_teacher__pb2.HeadChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,7 +21,7 @@ from opd_client.scores import ScoreResult
 from opd_teacher import metrics
 from opd_teacher.backends.base import Backend
 from opd_teacher.batcher import Batcher, BatchLimits
-from opd_teacher.validate import validate_score_request
+from opd_teacher.validate import hidden_dtype, validate_score_request
 
 if TYPE_CHECKING:  # generate imports torch; the engine itself does not need it
     from opd_teacher.backends.generate import Sample, SamplingParams
@@ -126,7 +126,13 @@ class TeacherEngine:
         metrics.SCORE_SECONDS.labels(name).observe(time.perf_counter() - started)
         scored = sum(len(it.completion_ids) for it in items)
         metrics.SCORED_TOKENS.labels(name).inc(scored)
-        return ScoreResult(model=name, sequences=sequences, scored_tokens=scored, forward_tokens=forward)
+        return ScoreResult(
+            model=name,
+            sequences=sequences,
+            scored_tokens=scored,
+            forward_tokens=forward,
+            hidden_dtype=hidden_dtype(req, backend.info),  # the faces encode hidden_T_D in it
+        )
 
     async def generate(self, name: str, prompt_ids: list[int], params: SamplingParams) -> list[Sample]:
         """params.n samples continuing prompt_ids (validated by the caller), on the forward thread.

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
 from opd_client import convert
-from opd_client.errors import OpdError, TooManyTokens, Unavailable
+from opd_client.errors import NotFound, OpdError, TooManyTokens, Unavailable
 from opd_client.grpc_client import MAX_MESSAGE_BYTES
 from opd_client.v1 import teacher_pb2 as pb
 from opd_client.v1 import teacher_pb2_grpc as pb_grpc
@@ -33,6 +33,9 @@ STREAM_IN_FLIGHT = 64  # score requests per stream being run or waiting to be wr
 NOT_READY_RETRY_AFTER_S = 2.0
 WATCH_POLL_S = 0.5
 _RESPONSE_SLACK_BYTES = 1024  # the ScoreStreamResponse wrapper around a ScoreResponse
+# GetHead's pieces: under gRPC's default 4 MiB message limit (third-party clients keep it), with room for
+# the HeadChunk fields around the bytes.
+HEAD_CHUNK_BYTES = 2 * 2**20
 
 
 def build_grpc_server(
@@ -99,6 +102,29 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             return convert.chunk_response_to_proto(await self.engine.chunk_score(req))
 
         return await _unary("ChunkScore", context, chunk_score)
+
+    async def GetHead(
+        self, request: pb.GetHeadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.HeadChunk]:
+        """The head's safetensors bytes in chunks under gRPC's default 4 MiB message limit."""
+        started = time.perf_counter()
+        try:
+            backend = self.engine.backend(request.model or None)
+            export = getattr(backend, "head", None)
+            if export is None:
+                raise NotFound(
+                    f"teacher {backend.info.name!r} serves no output head (black-box, or its logits are "
+                    "not the head formula: see hidden_size in GetInfo and the service's log)",
+                    field="model",
+                )
+        except Exception as e:  # noqa: BLE001 - mapped to a status; the server keeps serving
+            err = _as_opd_error(e, "GetHead")
+            _observe("GetHead", err.grpc_code, started)
+            await context.abort(_status_code(err), err.message, trailing_metadata=_trailing_metadata(err))
+        name, total = backend.info.name, len(export.data)
+        for offset, data in export.chunks(HEAD_CHUNK_BYTES):
+            yield pb.HeadChunk(model=name, sha256=export.sha256, total_bytes=total, offset=offset, data=data)
+        _observe("GetHead", "OK", started)
 
     async def ScoreStream(
         self, request_iterator: AsyncIterator[pb.ScoreStreamRequest], context: grpc.aio.ServicerContext

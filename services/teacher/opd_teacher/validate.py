@@ -5,6 +5,7 @@ Every error names the field and the limit, so a user can fix the request without
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,6 +14,12 @@ from opd_client import schema
 from opd_client.errors import InvalidRequest, TooManyTokens
 from opd_teacher.backends.base import ScoreItem
 
+# Hidden states of one request, summed over its sequences, as they travel (scored tokens × D × 2 or 4 bytes).
+# Under gRPC's 256 MiB message limit with room for the logprobs beside them, and a bound on what one request
+# holds in the service's memory: 128 MiB is 58k scored tokens of the default teacher (D = 576) in float32,
+# 8k tokens of a D = 8192 teacher in bfloat16.
+MAX_HIDDEN_BYTES = 128 * 2**20
+
 
 def validate_score_request(
     req: schema.ScoreRequest, info: schema.ModelInfo, bos_token_id: int | None
@@ -20,10 +27,21 @@ def validate_score_request(
     """(items, top_k, temperature) for a request that fits the model, else InvalidRequest/TooManyTokens."""
     if not req.sequences:
         raise InvalidRequest("sequences is empty; send at least 1 sequence", field="sequences")
-    if not 1 <= req.top_k <= info.max_top_k:
+    if req.return_hidden or req.hidden_dtype is not None:
+        _check_hidden(req, info)
+    low = 0 if req.return_hidden else 1  # top_k = 0: hidden states only, no logprobs
+    if not low <= req.top_k <= info.max_top_k:
+        why = " with return_hidden" if req.return_hidden else "; 0 only with return_hidden"
         raise InvalidRequest(
-            f"top_k = {req.top_k} must be in [1, {info.max_top_k}] (max_top_k of model {info.name!r})",
+            f"top_k = {req.top_k} must be in [{low}, {info.max_top_k}] (max_top_k of model {info.name!r})"
+            f"{why}",
             field="top_k",
+        )
+    if req.top_k == 0 and req.score_ids is not None:
+        raise InvalidRequest(
+            "score_ids need logprobs, and top_k = 0 computes none; use top_k >= 1, or compute them from the "
+            "hidden states and the head",
+            field="score_ids",
         )
     temperature = 1.0 if req.temperature is None else float(req.temperature)
     if not (math.isfinite(temperature) and temperature > 0):
@@ -47,7 +65,45 @@ def validate_score_request(
             f"max_tokens = {info.max_tokens}: split it into smaller requests",
             field="sequences",
         )
+    if req.return_hidden:
+        items = [dataclasses.replace(item, return_hidden=True) for item in items]
+        scored = sum(len(item.completion_ids) for item in items)
+        itemsize = 4 if hidden_dtype(req, info) == "float32" else 2
+        size = scored * info.hidden_size * itemsize
+        if size > MAX_HIDDEN_BYTES:
+            raise TooManyTokens(
+                f"the hidden states would be {size / 2**20:.0f} MiB ({scored} scored tokens × D = "
+                f"{info.hidden_size} × {itemsize} bytes); the limit is {MAX_HIDDEN_BYTES >> 20} MiB per "
+                "request: send fewer tokens per request (or hidden_dtype = bfloat16)",
+                field="sequences",
+            )
     return items, req.top_k, temperature
+
+
+def hidden_dtype(req: schema.ScoreRequest, info: schema.ModelInfo) -> str | None:
+    """The dtype the request's hidden states travel in (its own, else the model's), None without them."""
+    if not req.return_hidden:
+        return None
+    return req.hidden_dtype or (info.dtype if info.dtype in schema.HIDDEN_DTYPES else "float32")
+
+
+def _check_hidden(req: schema.ScoreRequest, info: schema.ModelInfo) -> None:
+    if req.hidden_dtype is not None and req.hidden_dtype not in schema.HIDDEN_DTYPES:
+        raise InvalidRequest(
+            f"hidden_dtype = {req.hidden_dtype!r} must be one of {', '.join(schema.HIDDEN_DTYPES)} "
+            f"(or unset: the model's dtype, {info.dtype})",
+            field="hidden_dtype",
+        )
+    if not req.return_hidden:
+        raise InvalidRequest(
+            "hidden_dtype is only meaningful with return_hidden = true", field="hidden_dtype"
+        )
+    if not info.hidden_size or not info.head_sha256:
+        raise InvalidRequest(
+            f"teacher {info.name!r} gives no hidden states (its /v1/models record has no hidden_size: a "
+            "black-box teacher, or one whose logits are not the head formula; see the service's log)",
+            field="return_hidden",
+        )
 
 
 def _item(

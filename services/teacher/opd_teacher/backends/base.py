@@ -18,6 +18,8 @@ class ScoreItem:
     context_ids: list[int]  # the teacher's prompt: teacher_prefix_ids, else token_ids[:prompt_len]
     completion_ids: list[int]  # the tokens to score, T = len(completion_ids) >= 1
     score_ids_T_M: np.ndarray | None = None  # int64 [T, M]
+    # Per item, not per batch: one forward serves items that want hidden states and items that do not.
+    return_hidden: bool = False  # also give SequenceScores.hidden_T_D
 
     @property
     def forward_len(self) -> int:
@@ -25,6 +27,8 @@ class ScoreItem:
 
 
 class Backend(Protocol):
+    """score() with top_k = 0 computes no logprobs: every item then has return_hidden (validation)."""
+
     info: ModelInfo
     bos_token_id: int | None
     last_forward_tokens: int  # tokens the last score() ran through the model (shared prompts once)

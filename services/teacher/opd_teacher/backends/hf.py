@@ -23,8 +23,10 @@ from opd_client.tokenizer_hash import tokenizer_sha256
 from opd_common.embedded import resolve_model
 from opd_teacher.backends.base import ScoreItem
 from opd_teacher.backends.generate import Sample, SamplingParams, generate
+from opd_teacher.backends.head import export_head, logit_scale_of, softcap_of
 from opd_teacher.backends.plan import plan_score
 from opd_teacher.backends.prefix_cache import NoPrefixReuse, Prefix
+from opd_teacher.backends.results import RankedScores, hidden_rows, pad_cat, split_scores  # noqa: F401
 from opd_teacher.backends.topk import score_hidden
 
 log = logging.getLogger(__name__)
@@ -81,9 +83,15 @@ class HFBackend:
         self.bos_token_id = _bos_token_id(self.tokenizer, config)
         self.pad_token_id = self.tokenizer.pad_token_id or 0
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.model)
-        self.softcap = getattr(config, "final_logit_softcapping", None)
         max_positions = getattr(config, "max_position_embeddings", None) or 1 << 20
         vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        # The head trainers download (and the logit transform this service applies itself, from the same
+        # config fields); None when the formula does not reproduce the model's logits: no hidden states.
+        self.head, why_not = export_head(self.model, _probe_ids(vocab_size))
+        if why_not:
+            log.warning("%s: no hidden states or head (return_hidden is refused): %s", name, why_not)
+        self.logit_scale = logit_scale_of(config)
+        self.softcap = softcap_of(config)
         self.info = ModelInfo(
             name=name,
             revision=_weights_sha256(path),
@@ -95,6 +103,11 @@ class HFBackend:
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),
             source=source,
+            hidden_size=self.head.hidden_size if self.head else None,
+            head_sha256=self.head.sha256 if self.head else None,
+            logit_scale=self.logit_scale,
+            final_logit_softcapping=self.softcap,
+            tokenizer_vocab_size=len(self.tokenizer),
         )
         self._cache_kwarg = _cache_kwarg(self.model.base_model)
         self.prefix_reuse = False
@@ -235,7 +248,8 @@ class HFBackend:
         temperature: float,
         ranks: bool = False,
     ) -> list[SequenceScores]:
-        """Score items from their hidden states, picks[i] = [T_i, H] (row t predicts completion token t)."""
+        """Score items from their hidden states, picks[i] = [T_i, H] (row t predicts completion token t): the
+        same rows an item with return_hidden gets back as hidden_T_D."""
         targets, score_ids = [], []
         for item in items:
             targets.extend(item.completion_ids)
@@ -243,27 +257,29 @@ class HFBackend:
                 score_ids.append(torch.as_tensor(item.score_ids_T_M, dtype=torch.long))
             else:  # placeholder rows keep the blocks aligned when only some items ask for score ids
                 score_ids.append(torch.zeros((len(item.completion_ids), 1), dtype=torch.long))
-        hidden_N_H = torch.cat(picks)
+        hidden = hidden_rows(picks, items)
+        if top_k == 0:  # hidden states only (validation: every item asked for them); no lm_head at all
+            return split_scores(None, hidden, items)
         has_score_ids = any(item.score_ids_T_M is not None for item in items)
         out = score_hidden(
-            hidden_N_H,
+            torch.cat(picks),
             self.model.get_output_embeddings(),
             torch.tensor(targets, dtype=torch.long),
             top_k=top_k,
             temperature=temperature,
-            score_ids_N_M=_pad_cat(score_ids) if has_score_ids else None,
+            score_ids_N_M=pad_cat(score_ids) if has_score_ids else None,
             chunk_tokens=self.limits.logits_block_tokens,
             softcap=self.softcap,
             ranks=ranks,
+            logit_scale=self.logit_scale,
         )
-        return _split(out, [len(item.completion_ids) for item in items], items)
+        return split_scores(out, hidden, items)
 
     def _check_prefix_reuse(self) -> str | None:
         """None if prefix reuse gives this model's plain answers on a short check, else why it cannot be used."""
         if self._cache_kwarg is None:
             return "its forward takes no cache"
-        vocab = self.info.vocab_size
-        ids = [(7919 * k + 13) % vocab for k in range(12)]
+        ids = _probe_ids(self.info.vocab_size)
         items = [ScoreItem(ids[:6], ids[6:8]), ScoreItem(ids[:6], ids[6:]), ScoreItem(ids[:6], ids[9:10])]
         try:  # a model we know nothing about may fail in any way here; that only means no reuse
             reused = self._score_group(ids[:6], [items], top_k=4, temperature=1.0)
@@ -322,14 +338,6 @@ class HFBackend:
         )
 
 
-@dataclass
-class RankedScores(SequenceScores):
-    """SequenceScores plus each token's rank: 1 + the vocabulary entries with a larger logprob (the OpenAI
-    endpoints' prompt_logprobs need it; /v1/score never sends it)."""
-
-    token_rank_T: np.ndarray | None = None  # int64 [T]
-
-
 def _cache_kwarg(base_model: torch.nn.Module) -> str | None:
     """The name under which this model's forward takes a KV cache, if it takes one."""
     try:
@@ -339,33 +347,9 @@ def _cache_kwarg(base_model: torch.nn.Module) -> str | None:
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
-def _pad_cat(score_ids: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate [T_i, M_i] id blocks into [N, max M], padding with id 0 (sliced off in _split)."""
-    width = max(s.shape[1] for s in score_ids)
-    return torch.cat([torch.nn.functional.pad(s, (0, width - s.shape[1])) for s in score_ids])
-
-
-def _split(out: dict[str, torch.Tensor], lengths: list[int], items: list[ScoreItem]) -> list[SequenceScores]:
-    arrays = {k: v.numpy() for k, v in out.items()}
-    results, start = [], 0
-    for n, item in zip(lengths, items, strict=True):
-        rows = slice(start, start + n)
-        score_lp = None
-        if item.score_ids_T_M is not None:
-            score_lp = np.ascontiguousarray(arrays["score_logprobs"][rows, : item.score_ids_T_M.shape[1]])
-        fields = dict(
-            token_logprobs_T=arrays["token_logprobs"][rows],
-            top_ids_T_K=arrays["top_ids"][rows],
-            top_logprobs_T_K=arrays["top_logprobs"][rows],
-            tail_logprob_T=arrays["tail_logprobs"][rows],
-            score_logprobs_T_M=score_lp,
-        )
-        if "token_ranks" in arrays:
-            results.append(RankedScores(**fields, token_rank_T=arrays["token_ranks"][rows]))
-        else:
-            results.append(SequenceScores(**fields))
-        start += n
-    return results
+def _probe_ids(vocab_size: int) -> list[int]:
+    """12 ids spread over the vocabulary, for the load-time checks (prefix reuse, the head formula)."""
+    return [(7919 * k + 13) % vocab_size for k in range(12)]
 
 
 def _bos_token_id(tokenizer, config) -> int | None:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from opd_client.head import finish_logits
+
 # log of the smallest normal float32: the floor for tail_logprob when top-k covers (nearly) all mass,
 # so the response stays finite (log 0 = -inf would poison a trainer's KL).
 TAIL_LOGPROB_FLOOR = math.log(torch.finfo(torch.float32).tiny)
@@ -28,6 +30,7 @@ def score_hidden(
     chunk_tokens: int = 512,
     softcap: float | None = None,
     ranks: bool = False,
+    logit_scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Per row: logprob of the target, top-k ids/logprobs, log tail mass, logprobs of score ids (fp32, CPU).
 
@@ -37,7 +40,7 @@ def score_hidden(
     token_lp, top_ids, top_lp, tail_lp, score_lp, token_rank = [], [], [], [], [], []
     for start in range(0, hidden_N_H.shape[0], chunk_tokens):
         rows = slice(start, start + chunk_tokens)
-        logprobs_C_V = logprobs_of(lm_head(hidden_N_H[rows]), temperature, softcap)
+        logprobs_C_V = logprobs_of(lm_head(hidden_N_H[rows]), temperature, softcap, logit_scale)
         targets_C = targets_N[rows].to(logprobs_C_V.device)
         token_lp.append(logprobs_C_V.gather(1, targets_C[:, None])[:, 0])
         if ranks:  # before the in-place scatter below overwrites the top-k entries
@@ -65,12 +68,10 @@ def score_hidden(
     return out
 
 
-def logprobs_of(logits_C_V: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
-    """fp32 log-softmax of lm_head outputs (soft-capped, divided by temperature): the one definition of a
-    teacher logprob, shared by scoring and generation so both report the same numbers."""
-    logits_C_V = logits_C_V.float()
-    if softcap:  # Gemma-style final logit soft-capping
-        logits_C_V = torch.tanh(logits_C_V / softcap) * softcap
-    if temperature != 1.0:
-        logits_C_V = logits_C_V / temperature
-    return torch.log_softmax(logits_C_V, dim=-1)
+def logprobs_of(
+    logits_C_V: torch.Tensor, temperature: float, softcap: float | None, logit_scale: float = 1.0
+) -> torch.Tensor:
+    """fp32 log-softmax of lm_head outputs (scaled, soft-capped, divided by temperature): the one definition
+    of a teacher logprob, shared by scoring and generation so both report the same numbers, and by trainers
+    that compute it from hidden states (opd_client.head.finish_logits is the formula)."""
+    return torch.log_softmax(finish_logits(logits_C_V, logit_scale, softcap, temperature), dim=-1)

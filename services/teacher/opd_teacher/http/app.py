@@ -19,6 +19,7 @@ from opd_teacher.engine import TeacherEngine
 from opd_teacher.http.auth import BearerAuth
 from opd_teacher.http.chunk_score import chunk_score_router
 from opd_teacher.http.errors import ClientGone, install_error_handlers
+from opd_teacher.http.head import head_router
 from opd_teacher.http.openai_compat import openai_router
 
 _ERRORS = {
@@ -157,7 +158,8 @@ def create_app(engine: TeacherEngine, api_keys: set[str] | None = None) -> FastA
         responses={200: _SCORE_OK, **_ERRORS},
     )
     async def score(req: schema.ScoreRequest, request: Request) -> Response:
-        """Teacher logprobs over each sequence's completion: actual token, top-k, tail mass, score_ids.
+        """Teacher logprobs over each sequence's completion: actual token, top-k, tail mass, score_ids;
+        with `return_hidden`, also the teacher's final hidden states (`hidden`, [T, D]; top_k may be 0).
 
         The answer is JSON unless the request says `Accept: application/x-protobuf`: then it is the
         serialized `opd.v1.ScoreResponse` (raw little-endian arrays, 8·K + 8 bytes per scored position
@@ -182,6 +184,8 @@ def create_app(engine: TeacherEngine, api_keys: set[str] | None = None) -> FastA
     app.include_router(openai_router(engine, _until_disconnect, deadline_from))
     # /v1/chunk-score: black-box teachers (an OpenAI-compatible API behind --backend openai)
     app.include_router(chunk_score_router(engine, _until_disconnect))
+    # /v1/models/{name}/head: the output head for trainers that score from hidden states (return_hidden)
+    app.include_router(head_router(engine))
 
     if api_keys:
         app.add_middleware(BearerAuth, api_keys=api_keys)
