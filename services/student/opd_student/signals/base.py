@@ -2,8 +2,8 @@
 
 A signal is one kind of teacher feedback and everything that follows from it. Per step the loop calls
 
-    pending  = signal.request(rollouts)          send the step's rollouts to the teacher (pipelined)
-    feedback = signal.collect(pending)           wait for the answers (outages are waited out)
+    request  = signal.request(rollouts)          send the step's rollouts to the teacher (pipelined)
+    feedback = signal.collect(request)           wait for the answers (outages are waited out)
     step     = signal.step_loss(rollouts, feedback)
     accumulate_gradients(..., step.normaliser, step.per_token_loss)   (microbatch.py)
     step.finish_gradients(params)                e.g. rescale to a weighted mean
@@ -16,7 +16,7 @@ signals/__init__.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -34,15 +34,6 @@ class EvalResult:
 
     metrics: dict[str, Any]
     summary: str
-
-
-@dataclass
-class Pending:
-    """A step's requests in flight: what collect() needs to wait for them (and to resend them)."""
-
-    futures: list
-    requests: Any = None  # the signal's own record of what was asked (resent on an outage)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class StepLoss(Protocol):
@@ -71,10 +62,14 @@ class TeacherSignal(Protocol):
         """Refuse, with a clear SystemExit, a teacher that cannot give this signal."""
         ...
 
-    def request(self, rollouts: list[Rollout]) -> Pending: ...
+    def request(self, rollouts: list[Rollout]) -> Any:
+        """Send this rank's rollouts of a step to the teacher; what comes back is collect()'s argument."""
+        ...
 
-    def collect(self, pending: Pending, rollouts: list[Rollout]) -> list: ...
+    def collect(self, request: Any) -> Any:
+        """The teacher's answers to request() (the signal's own feedback type), once all have come."""
+        ...
 
-    def step_loss(self, rollouts: list[Rollout], feedback: list) -> StepLoss: ...
+    def step_loss(self, rollouts: list[Rollout], feedback: Any) -> StepLoss: ...
 
     def evaluate(self, student: Student, prompts: list[Prompt], seed: int) -> EvalResult: ...
