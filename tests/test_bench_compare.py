@@ -200,7 +200,7 @@ def test_outputs_hold_every_arm(bench):
     assert (v["transformers"], v["trl"]) == (transformers.__version__, trl.__version__)
     assert re.fullmatch(r"[0-9a-f]{40}", v["opd_commit"])
     assert results["settings"] == CompareSettings(**SMALL, **SMALL_EVAL).to_dict()
-    assert "[5/5] sft" in stdout and "step 2/2" in stdout  # progress lines
+    assert f"[{len(ARM_NAMES)}/{len(ARM_NAMES)}] sft" in stdout and "step 2/2" in stdout  # progress lines
 
 
 @pytest.mark.slow
@@ -208,7 +208,7 @@ def test_budgets_tokens_and_steps(bench):
     out, _, results = bench
     arms = {a["arm"]: a for a in results["arms"]}
     most = SMALL["steps"] * SMALL["prompts_per_step"] * SMALL["max_new_tokens"]
-    for name in ("opd-rkl", "opd-jsd", "trl-distill", "trl-server"):
+    for name in ("opd-rkl", "opd-jsd", "opd-exact-rkl", "opd-exact-jsd", "trl-distill", "trl-server"):
         a = arms[name]
         assert a["steps"] == SMALL["steps"] and 0 < a["teacher_tokens"] <= most, a
         assert [e["step"] for e in a["evals"]] == [0, 1, 2]
@@ -235,9 +235,12 @@ def test_kls_and_memory(bench):
     for a in arms.values():
         assert all(math.isfinite(e["reverse_kl"]) and e["reverse_kl"] > 0 for e in a["evals"]), a
         assert all(math.isfinite(e["topk_forward_kl"]) and e["topk_forward_kl"] > 0 for e in a["evals"]), a
+        # every arm's students, opd's in-process and the others' from disk, get the exact KL too
+        assert all(math.isfinite(e["exact_reverse_kl"]) and e["exact_reverse_kl"] > 0 for e in a["evals"]), a
     # step 0 is the same untrained student evaluated the same way, in-process (opd) or from disk (others)
-    start = {name: a["kl_start"] for name, a in arms.items()}
-    assert max(start.values()) - min(start.values()) < 1e-4, start
+    for key in ("kl_start", "exact_kl_start"):
+        start = {name: a[key] for name, a in arms.items()}
+        assert max(start.values()) - min(start.values()) < 1e-4, (key, start)
     # peak RSS is per run (wait4 of that child): the in-process teacher (135M fp32 = 540 MB) shows in
     # trl-distill alone, and the arm after it is smaller again (a running maximum could not drop)
     opd_peak = max(arms["opd-rkl"]["peak_rss_mib"], arms["opd-jsd"]["peak_rss_mib"])
@@ -270,6 +273,7 @@ def test_snapshot_evaluation_equals_opds_in_process_evaluation(bench, tmp_path):
     assert from_disk["eval/tokens"] == in_process["eval_tokens"]
     assert math.isclose(from_disk["eval/reverse_kl"], in_process["reverse_kl"], abs_tol=1e-4)
     assert math.isclose(from_disk["eval/topk_forward_kl"], in_process["topk_forward_kl"], abs_tol=1e-4)
+    assert math.isclose(from_disk["eval/exact_reverse_kl"], in_process["exact_reverse_kl"], abs_tol=1e-4)
 
 
 @pytest.mark.slow

@@ -92,7 +92,9 @@ def train_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in read_metrics(run_dir) if not r.get("eval")]
 
 
-@pytest.mark.parametrize("loss", ["reverse_kl", "topk_forward_kl", "student_topk_reverse_kl", "jsd"])
+@pytest.mark.parametrize(
+    "loss", ["reverse_kl", "topk_forward_kl", "student_topk_reverse_kl", "jsd", "exact_forward_kl"]
+)
 def test_each_loss_runs_end_to_end(teacher, student_dir, tmp_path, loss):
     run_train(
         teacher.http_url, teacher.api_key, student_dir, tmp_path / "run", "--loss", loss, "--steps", "2"

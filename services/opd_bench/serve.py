@@ -43,12 +43,26 @@ class ServeBenchConfig:
     rollouts: int = 1  # consecutive sequences sharing one prompt (1: distinct prompts, no prompt reuse)
     prefix_reuse: bool = True
     top_k: int = 20
+    # what each request asks for: "topk" (top_k logprobs) and/or "hidden" (bf16 hidden states, top_k = 0,
+    # the exact signal's request; the trainer's exact losses add the top-k to it)
+    signals: tuple[str, ...] = ("topk", "hidden")
     requests_per_client: int = 2
     min_requests: int = 8  # a run sends at least this many requests (1 client alone is noisy)
     max_batch_tokens: int = 8192
     dtype: str = "float32"
     device: str = "auto"
     seed: int = 0
+
+
+SIGNAL_OPTIONS = {
+    "topk": {},
+    "hidden": {"return_hidden": True, "hidden_dtype": "bfloat16"},
+}
+
+
+def score_options(signal: str, top_k: int) -> dict:
+    """client.score keyword arguments of one signal."""
+    return {"top_k": 0 if signal == "hidden" else top_k, **SIGNAL_OPTIONS[signal]}
 
 
 @dataclass
@@ -59,6 +73,7 @@ class RunResult:
     scored_tokens: int
     seconds: float
     latencies_s: list[float]
+    signal: str = "topk"
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,6 +83,7 @@ class RunResult:
         lat = sorted(self.latencies_s)
         return {
             "transport": self.name,
+            "signal": self.signal,
             "clients": self.clients,
             "requests": self.requests,
             "scored_tokens_per_s": round(self.tokens_per_s, 1),
@@ -93,24 +109,31 @@ def make_pool(cfg: ServeBenchConfig, n: int, seed: int, vocab_size: int) -> list
 # ---- raw ----------------------------------------------------------------------------------------------
 
 
-def run_raw(backend, pool: list[dict], cfg: ServeBenchConfig) -> RunResult:
+def run_raw(backend, pool: list[dict], cfg: ServeBenchConfig, signal: str = "topk") -> RunResult:
     from opd_teacher.backends.base import ScoreItem
 
-    items = [ScoreItem(s["token_ids"][: cfg.prompt_len], s["token_ids"][cfg.prompt_len :]) for s in pool]
+    hidden = signal == "hidden"
+    items = [
+        ScoreItem(s["token_ids"][: cfg.prompt_len], s["token_ids"][cfg.prompt_len :], return_hidden=hidden)
+        for s in pool
+    ]
     per_batch = max(1, cfg.max_batch_tokens // cfg.seq_len)
     started = time.perf_counter()
     for i in range(0, len(items), per_batch):
-        backend.score(items[i : i + per_batch], cfg.top_k, 1.0)
+        backend.score(items[i : i + per_batch], score_options(signal, cfg.top_k)["top_k"], 1.0)
     seconds = time.perf_counter() - started
     scored = sum(len(it.completion_ids) for it in items)
-    return RunResult("raw", 0, len(items), scored, seconds, [])
+    return RunResult("raw", 0, len(items), scored, seconds, [], signal)
 
 
 # ---- service ------------------------------------------------------------------------------------------
 
 
-def run_service(teacher, transport: str, clients: int, pool: list[dict], cfg: ServeBenchConfig) -> RunResult:
+def run_service(
+    teacher, transport: str, clients: int, pool: list[dict], cfg: ServeBenchConfig, signal: str = "topk"
+) -> RunResult:
     """`clients` threads, each with its own client (own connection), share the pool in order."""
+    options = score_options(signal, cfg.top_k)
     latencies: list[float] = []
     scored = [0]
     lock = threading.Lock()
@@ -126,7 +149,7 @@ def run_service(teacher, transport: str, clients: int, pool: list[dict], cfg: Se
                 if i is None:
                     return
                 t0 = time.perf_counter()
-                result = client.score([pool[i]], cfg.top_k)
+                result = client.score([pool[i]], **options)
                 elapsed = time.perf_counter() - t0
                 with lock:
                     latencies.append(elapsed)
@@ -145,7 +168,7 @@ def run_service(teacher, transport: str, clients: int, pool: list[dict], cfg: Se
     seconds = time.perf_counter() - started
     if errors:
         raise RuntimeError(f"{transport} with {clients} clients: {errors[0]!r}") from errors[0]
-    return RunResult(transport, clients, len(pool), scored[0], seconds, latencies)
+    return RunResult(transport, clients, len(pool), scored[0], seconds, latencies, signal)
 
 
 def _client(teacher, transport: str):
@@ -167,6 +190,18 @@ def payload_bytes(teacher, sequence: dict, top_k: int) -> dict[str, float]:
         "binary (base64 JSON)": ({"format": "binary"}, {}),
         "protobuf": ({}, {"Accept": "application/x-protobuf"}),
         "protobuf float16": ({"logprob_dtype": "float16"}, {"Accept": "application/x-protobuf"}),
+        "hidden bf16, protobuf": (
+            {"top_k": 0, "return_hidden": True, "hidden_dtype": "bfloat16"},
+            {"Accept": "application/x-protobuf"},
+        ),
+        "top-k + hidden bf16, protobuf": (
+            {"return_hidden": True, "hidden_dtype": "bfloat16"},
+            {"Accept": "application/x-protobuf"},
+        ),
+        "hidden float32, protobuf": (
+            {"top_k": 0, "return_hidden": True, "hidden_dtype": "float32"},
+            {"Accept": "application/x-protobuf"},
+        ),
     }
     out = {}
     for name, (extra, extra_headers) in variants.items():
@@ -213,13 +248,14 @@ def run_serve_bench(cfg: ServeBenchConfig, workdir: Path) -> dict:
         for n, clients in enumerate(cfg.clients):
             requests = max(cfg.min_requests, clients * cfg.requests_per_client)
             pool = make_pool(cfg, requests, cfg.seed + n, vocab)
-            raw = run_raw(backend, pool, cfg)
-            raws[clients] = raw
-            rows.append(raw.row(None) | {"clients": clients})
-            _progress(rows[-1])
-            for transport in cfg.transports:
-                rows.append(run_service(teacher, transport, clients, pool, cfg).row(raw))
+            for signal in cfg.signals:
+                raw = run_raw(backend, pool, cfg, signal)
+                raws[clients, signal] = raw
+                rows.append(raw.row(None) | {"clients": clients})
                 _progress(rows[-1])
+                for transport in cfg.transports:
+                    rows.append(run_service(teacher, transport, clients, pool, cfg, signal).row(raw))
+                    _progress(rows[-1])
         payload = payload_bytes(teacher, make_pool(cfg, 1, cfg.seed + 500, vocab)[0], cfg.top_k)
     return {"config": asdict(cfg), "runs": rows, "bytes_per_scored_token": payload}
 
@@ -230,15 +266,15 @@ def _progress(row: dict) -> None:
 
 def format_table(result: dict) -> str:
     lines = [
-        "| clients | transport | requests | scored tokens/s | service / raw | p50 s | p99 s |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| clients | signal | transport | requests | scored tokens/s | service / raw | p50 s | p99 s |",
+        "|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["runs"]:
         ratio = "" if r["service_over_raw"] is None else f"{r['service_over_raw']:.3f}"
         p50 = "" if r["p50_s"] is None else f"{r['p50_s']:.2f}"
         p99 = "" if r["p99_s"] is None else f"{r['p99_s']:.2f}"
         lines.append(
-            f"| {r['clients']} | {r['transport']} | {r['requests']} | {r['scored_tokens_per_s']:.0f} | "
+            f"| {r['clients']} | {r['signal']} | {r['transport']} | {r['requests']} | {r['scored_tokens_per_s']:.0f} | "
             f"{ratio} | {p50} | {p99} |"
         )
     k = result["config"]["top_k"]
@@ -268,6 +304,11 @@ def register(bench_subparsers) -> None:
         "--no-prefix-reuse", dest="prefix_reuse", action="store_false", help="both raw and service"
     )
     p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument(
+        "--signals",
+        default=",".join(d.signals),
+        help="what requests ask for: topk (top-k logprobs), hidden (bf16 hidden states, top_k 0)",
+    )
     p.add_argument("--requests-per-client", type=int, default=d.requests_per_client)
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens)
     p.add_argument("--dtype", default=d.dtype)
@@ -286,6 +327,7 @@ def main(args: argparse.Namespace) -> int:
         rollouts=args.rollouts,
         prefix_reuse=args.prefix_reuse,
         top_k=args.top_k,
+        signals=tuple(t.strip() for t in args.signals.split(",")),
         requests_per_client=args.requests_per_client,
         max_batch_tokens=args.max_batch_tokens,
         dtype=args.dtype,

@@ -6,10 +6,11 @@ from __future__ import annotations
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmarks (results in docs/benchmarks.md)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    from opd_bench import memory, scale, serve
+    from opd_bench import memory, scale, serve, train_memory
     from opd_bench.compare import runner as compare
 
     memory.register(bench)
     serve.register(bench)
     compare.register(bench)
     scale.register(bench)
+    train_memory.register(bench)

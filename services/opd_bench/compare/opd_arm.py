@@ -17,9 +17,12 @@ from opd_bench.compare.settings import JSD_BETA, OPD_TOP_K, CompareSettings
 LOSS_FLAGS = {
     "opd-rkl": ["--loss", "reverse_kl"],
     "opd-jsd": ["--loss", "jsd", "--jsd-beta", str(JSD_BETA), "--top-k", str(OPD_TOP_K)],
+    "opd-exact-rkl": ["--loss", "exact_reverse_kl"],
+    "opd-exact-jsd": ["--loss", "exact_jsd", "--jsd-beta", str(JSD_BETA)],
 }
 RUN = "run"  # opd's run directory inside the arm's directory
 EVAL_KEYS = ("eval/reverse_kl", "eval/topk_forward_kl", "eval/tokens")
+EXACT_KEYS = ("eval/exact_reverse_kl", "eval/exact_forward_kl")  # when the teacher serves hidden states
 
 
 def command(settings: CompareSettings, arm: str, teacher_url: str, arm_dir: Path) -> list[str]:
@@ -62,7 +65,8 @@ def read_back(arm_dir: Path) -> None:
         (arm_dir / name).unlink(missing_ok=True)
     for record in read_jsonl(arm_dir / RUN / "metrics.jsonl"):
         if record.get("eval"):
-            append_jsonl(arm_dir / EVALS, {"step": record["step"], **{k: record[k] for k in EVAL_KEYS}})
+            keys = EVAL_KEYS + tuple(k for k in EXACT_KEYS if k in record)
+            append_jsonl(arm_dir / EVALS, {"step": record["step"], **{k: record[k] for k in keys}})
         else:
             time_s = step_time(record)
             append_jsonl(

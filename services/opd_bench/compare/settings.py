@@ -91,6 +91,18 @@ class Arm:
 ARMS = (
     Arm("opd-rkl", "opd", "opd train", "sampled-token reverse KL (policy gradient, per-token reward)"),
     Arm("opd-jsd", "opd", "opd train", f"JSD(β={JSD_BETA}) on the teacher's top-{OPD_TOP_K} + tail"),
+    Arm(
+        "opd-exact-rkl",
+        "opd",
+        "opd train",
+        "exact reverse KL, full vocabulary (the teacher's hidden states + its head)",
+    ),
+    Arm(
+        "opd-exact-jsd",
+        "opd",
+        "opd train",
+        f"exact JSD(β={JSD_BETA}), full vocabulary (the teacher's hidden states + its head)",
+    ),
     Arm("trl-distill", "trl-distill", "TRL DistillationTrainer", f"JSD(β={JSD_BETA}), full vocabulary"),
     Arm(
         "trl-server",

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     from opd_student.evaluation import evaluate
     from opd_student.prompts import load_prompts
     from opd_student.rollout_factory import RolloutFactory
+    from opd_student.teacher_heads import TeacherHeads, offers_hidden_states
     from opd_student.teacher_link import TeacherLink
     from opd_student.tools.make_student import resolve_student
 
@@ -49,15 +50,18 @@ def main(argv: list[str] | None = None) -> None:
     device = device_of(settings)
     prompts = load_prompts(settings.eval_prompts)[: settings.eval_num_prompts]
     link = TeacherLink(args.teacher_url, None, 120.0, 4, 600.0)
-    link.check(tokenizer, None)
+    info = link.check(tokenizer, None)
+    # the exact full-vocabulary KLs too, as opd train's own evaluation measures them
+    heads = TeacherHeads(link.client, device) if offers_hidden_states(info) else None
     factory = RolloutFactory(tokenizer)  # as `opd train` makes its held-out rollouts (no routing rules here)
 
     def kl_of(path: Path) -> dict:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
         model.config.use_cache = True  # as opd's load_student; TRL saves its training-time False
         return evaluate(
-            model, tokenizer, link, prompts, factory, settings.eval_max_new_tokens, settings.eval_seed
-        )
+            model, tokenizer, link, prompts, factory, settings.eval_max_new_tokens, settings.eval_seed,
+            heads=heads,
+        )  # fmt: skip
 
     try:
         if args.initial_out:

@@ -18,13 +18,23 @@ from typing import Any, Literal, get_args
 from opd_common.dataclass_flags import add_dataclass_flags, literal_problems
 from opd_student.methods.checks import config_problems
 
-Loss = Literal["reverse_kl", "topk_forward_kl", "student_topk_reverse_kl", "jsd", "chunk"]
+Loss = Literal[
+    "reverse_kl",
+    "topk_forward_kl",
+    "student_topk_reverse_kl",
+    "jsd",
+    "exact_reverse_kl",
+    "exact_forward_kl",
+    "exact_jsd",
+    "chunk",
+]
 ChunkReward = Literal["smoothed", "similarity", "edit_similarity"]
 ChunkSelect = Literal["entropy", "even"]
 LrSchedule = Literal["constant", "cosine"]
 Bf16 = Literal["auto", "true", "false"]
 Parallel = Literal["fsdp", "ddp"]
 WeightsDtype = Literal["float32", "float64"]
+HiddenDtype = Literal["auto", "float32", "bfloat16", "float16"]
 LOSSES = get_args(Loss)
 
 
@@ -56,10 +66,15 @@ class TrainConfig:
     # --- loss
     # reverse_kl: the sampled token's teacher logprob as a per-token advantage; topk_forward_kl / jsd: the
     # teacher's top-k + tail; student_topk_reverse_kl: the teacher scores the student's top-k; chunk: a
-    # black-box teacher's chunk rewards (docs/training.md)
+    # black-box teacher's chunk rewards; exact_*: the teacher's full distribution from its hidden states
+    # and output head (docs/training.md)
     loss: Loss = "reverse_kl"
     top_k: int = 20  # teacher top-k (forward KL, JSD) or student top-k (student_topk_reverse_kl)
-    jsd_beta: float = 0.5  # jsd: β of GKD's generalised JSD (0: forward KL, 1: reverse KL)
+    jsd_beta: float = 0.5  # jsd, exact_jsd: β of GKD's generalised JSD (0: forward KL, 1: reverse KL)
+    # exact_*: dtype of the hidden states on the wire (auto: the teacher's compute dtype)
+    hidden_dtype: HiddenDtype = "auto"
+    # exact_*: both distributions at this temperature, log_softmax(logits / τ) (no τ² factor)
+    distill_temperature: float = 1.0
     discount: float = 0.0  # reverse_kl: γ of the return-to-go advantage (0: per-token reward)
     gkd_lambda: float = 1.0  # probability a step uses on-policy rollouts; else `dataset` sequences
     # --- loss = "chunk": a black-box teacher (opd serve-teacher --backend openai, POST /v1/chunk-score)
@@ -127,6 +142,10 @@ class TrainConfig:
             (self.samples_per_prompt >= 1, f"samples_per_prompt must be >= 1; got {self.samples_per_prompt}"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1; got {self.max_new_tokens}"),
             (self.temperature > 0, f"temperature must be > 0; got {self.temperature}"),
+            (
+                self.distill_temperature > 0,
+                f"distill_temperature must be > 0; got {self.distill_temperature}",
+            ),
             (self.top_k >= 1, f"top_k must be >= 1; got {self.top_k}"),
             (0 <= self.jsd_beta <= 1, f"jsd_beta must be in [0, 1]; got {self.jsd_beta}"),
             (0 <= self.discount <= 1, f"discount must be in [0, 1]; got {self.discount}"),

@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from opd_student.config import TrainConfig
+from opd_student.config import LOSSES, TrainConfig
 
 # Settings that finish in about 5 minutes on 2 CPU cores (measured: docs/benchmarks.md).
 DEMO = dict(
@@ -31,8 +31,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="distil the default student from the default teacher, end to end")
     p.add_argument("--steps", type=int, default=DEMO["steps"], help="optimizer steps (default: %(default)s)")
     p.add_argument(
-        "--loss", default=DEMO["loss"], help="reverse_kl | topk_forward_kl | student_topk_reverse_kl | jsd"
+        "--loss",
+        default=DEMO["loss"],
+        choices=[loss for loss in LOSSES if loss != "chunk"],
+        help="the teacher signal (default: %(default)s; docs/training.md)",
     )
+    p.add_argument("--lr", type=float, default=DEMO["lr"], help="learning rate (default: %(default)s)")
     p.add_argument("--out", type=Path, help="run directory (default: runs/demo-DATE-TIME)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     p.add_argument("--teacher-url", help="use this running teacher instead of starting one")
@@ -53,6 +57,7 @@ def main(args: argparse.Namespace) -> None:
                 **DEMO,
                 "steps": args.steps,
                 "loss": args.loss,
+                "lr": args.lr,
                 "out": str(out),
                 "teacher_url": args.teacher_url,
             }
@@ -71,4 +76,10 @@ def main(args: argparse.Namespace) -> None:
             f"({100 * (after - before) / before:+.0f}%; sampled reverse KL on "
             f"{int(evals[-1]['eval/prompts'])} held-out prompts)"
         )
+        if "eval/exact_reverse_kl" in evals[0]:
+            before, after = evals[0]["eval/exact_reverse_kl"], evals[-1]["eval/exact_reverse_kl"]
+            print(
+                f"exact reverse KL over the full vocabulary: {before:.3f} → {after:.3f} nats/token "
+                f"({100 * (after - before) / before:+.0f}%)"
+            )
     print(f"report: {png} and {md}; run directory {run_dir} ({minutes:.1f} min)")

@@ -6,19 +6,23 @@ the teacher scores those answers. Two numbers per token, averaged over all compl
 - sampled reverse KL: log q(x) − log p(x) at the student's own samples x ~ q, an unbiased estimate of
   KL(q‖p), the quantity on-policy distillation minimises;
 - top-k forward KL: KL(p‖q) on the teacher's top-k plus the tail bucket, a lower bound of KL(p‖q).
+When the teacher serves hidden states and its output head, two more: the exact reverse KL(q‖p) and forward
+KL(p‖q) over the whole vocabulary at each position (exact_losses.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from opd_client.head import TeacherHead
 from opd_student import losses
 from opd_student.distributed import SINGLE, World
+from opd_student.exact_losses import exact_divergence
 from opd_student.prompts import Prompt, load_prompts
 from opd_student.rollout_factory import RolloutFactory
 from opd_student.rollouts import (
@@ -86,15 +90,18 @@ def evaluate(
     batch_size: int = 8,
     autocast: bool = False,
     world: World = SINGLE,
+    heads: Callable[[str | None], TeacherHead] | None = None,
 ) -> dict[str, float]:
     """Sums over all ranks when several trainer processes share the prompts; every rank gets the result.
-    Each rollout is scored by the teacher it routes to, after the context training gives it (factory)."""
-    rev_sum = fwd_sum = tokens = 0.0
+    Each rollout is scored by the teacher it routes to, after the context training gives it (factory).
+    With `heads` (teacher name → its output head) the exact full-vocabulary KLs are measured too."""
+    rev_sum = fwd_sum = exact_rev_sum = exact_fwd_sum = tokens = 0.0
     device_type = unwrap(model).device.type
     for rollouts in heldout_rollouts(
         model, tokenizer, factory, prompts, max_new_tokens, seed, batch_size, world
     ):
-        scores = link.collect(link.submit(rollouts, EVAL_TOP_K))
+        options = {"return_hidden": True} if heads is not None else {}
+        scores = link.collect(link.submit(rollouts, EVAL_TOP_K, **options))
         batch = pack(rollouts, tokenizer.pad_token_id)
         teacher = teacher_tensors(scores, batch.mask_B_T.shape[1])
         with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
@@ -115,14 +122,35 @@ def evaluate(
             .sum()
             .item()
         )
+        if heads is not None:
+            for i, r in enumerate(rollouts):  # one row at a time: each rollout's teacher has its own head
+                args = (logprobs_B_T_V[i : i + 1], teacher.hidden_B_T_D[i : i + 1], heads(r.teacher))
+                mask_1_T = batch.mask_B_T[i : i + 1]
+                exact_rev_sum += exact_divergence(*args, mask_1_T, "reverse_kl").sum().item()
+                exact_fwd_sum += exact_divergence(*args, mask_1_T, "forward_kl").sum().item()
         tokens += batch.num_tokens
-    rev_sum, fwd_sum, tokens = world.sum([rev_sum, fwd_sum, tokens])
-    return {
+    rev_sum, fwd_sum, exact_rev_sum, exact_fwd_sum, tokens = world.sum(
+        [rev_sum, fwd_sum, exact_rev_sum, exact_fwd_sum, tokens]
+    )
+    out = {
         "eval/reverse_kl": rev_sum / tokens,
         "eval/topk_forward_kl": fwd_sum / tokens,
         "eval/tokens": int(tokens),
         "eval/prompts": len(eval_share(prompts, world)[0]),
     }
+    if heads is not None:
+        out["eval/exact_reverse_kl"] = exact_rev_sum / tokens
+        out["eval/exact_forward_kl"] = exact_fwd_sum / tokens
+    return out
+
+
+def eval_summary(result: dict) -> str:
+    """The held-out numbers in one line."""
+    text = f"sampled reverse KL {result['eval/reverse_kl']:.4f}"
+    if "eval/exact_reverse_kl" in result:
+        text += f", exact reverse KL {result['eval/exact_reverse_kl']:.4f}"
+        text += f", exact forward KL {result['eval/exact_forward_kl']:.4f}"
+    return text + f", top-{EVAL_TOP_K} forward KL {result['eval/topk_forward_kl']:.4f} nats/token"
 
 
 def eval_share(prompts: list[Prompt], world: World) -> tuple[list[Prompt], list[int]]:
@@ -165,16 +193,25 @@ def main(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    from opd_student.teacher_heads import TeacherHeads, offers_hidden_states
+
     link = TeacherLink(args.teacher_url, os.environ.get(args.api_key_env), 120.0, 4, 600.0)
-    link.check(tokenizer, args.teacher_model)
+    info = link.check(tokenizer, args.teacher_model)
     prompts = load_prompts(args.prompts)[: args.num_prompts]
     factory = RolloutFactory(tokenizer, args.teacher_model)
-    result = evaluate(model, tokenizer, link, prompts, factory, args.max_new_tokens, args.seed)
+    heads = TeacherHeads(link.client, device) if offers_hidden_states(info) else None
+    result = evaluate(model, tokenizer, link, prompts, factory, args.max_new_tokens, args.seed, heads=heads)
     link.close()
-    print(
-        f"student {path}\n  sampled reverse KL  {result['eval/reverse_kl']:.4f} nats/token\n"
-        f"  top-{EVAL_TOP_K} forward KL   {result['eval/topk_forward_kl']:.4f} nats/token\n"
-        f"  over {int(result['eval/tokens'])} tokens of {len(prompts)} prompts"
-    )
+    lines = [f"student {path}", f"  sampled reverse KL  {result['eval/reverse_kl']:.4f} nats/token"]
+    if heads is not None:
+        lines.append(
+            f"  exact reverse KL    {result['eval/exact_reverse_kl']:.4f} nats/token (full vocabulary)"
+        )
+        lines.append(
+            f"  exact forward KL    {result['eval/exact_forward_kl']:.4f} nats/token (full vocabulary)"
+        )
+    lines.append(f"  top-{EVAL_TOP_K} forward KL   {result['eval/topk_forward_kl']:.4f} nats/token")
+    lines.append(f"  over {int(result['eval/tokens'])} tokens of {len(prompts)} prompts")
+    print("\n".join(lines))
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")

@@ -176,6 +176,7 @@ class TeacherTensors:
     top_logprobs_B_T_K: torch.Tensor
     tail_logprob_B_T: torch.Tensor
     score_logprobs_B_T_M: torch.Tensor | None
+    hidden_B_T_D: torch.Tensor | None = None  # the teacher's final hidden states (return_hidden)
 
 
 def teacher_tensors(scores_B: list[SequenceScores], horizon: int) -> TeacherTensors:
@@ -187,6 +188,9 @@ def teacher_tensors(scores_B: list[SequenceScores], horizon: int) -> TeacherTens
     tail = torch.zeros((B, horizon))
     has_score = scores_B[0].score_logprobs_T_M is not None
     score = torch.zeros((B, horizon, scores_B[0].score_logprobs_T_M.shape[1])) if has_score else None
+    # Teachers of one batch (routing) may differ in hidden size: pad to the largest (zeros beyond a row's D).
+    widths = [s.hidden_T_D.shape[1] for s in scores_B if s.hidden_T_D is not None]
+    hidden = torch.zeros((B, horizon, max(widths))) if widths else None
     for b, s in enumerate(scores_B):
         T = s.num_tokens
         token[b, :T] = torch.from_numpy(s.token_logprobs_T)
@@ -195,4 +199,6 @@ def teacher_tensors(scores_B: list[SequenceScores], horizon: int) -> TeacherTens
         tail[b, :T] = torch.from_numpy(s.tail_logprob_T)
         if score is not None:
             score[b, :T] = torch.from_numpy(s.score_logprobs_T_M)
-    return TeacherTensors(token, top_ids, top_lp, tail, score)
+        if hidden is not None:
+            hidden[b, :T, : s.hidden_T_D.shape[1]] = torch.from_numpy(s.hidden_T_D)
+    return TeacherTensors(token, top_ids, top_lp, tail, score, hidden)

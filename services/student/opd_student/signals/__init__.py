@@ -2,6 +2,8 @@
 
 - token_scores.py   white-box token scores (POST /v1/score): the sampled token's logprob (reverse_kl), the
                     teacher's top-k + tail (topk_forward_kl, jsd), the student's top-k (student_topk_reverse_kl)
+- hidden_states.py  the teacher's exact full distribution from its hidden states and output head
+                    (exact_reverse_kl, exact_forward_kl, exact_jsd)
 - chunk_rewards.py  a black-box teacher's chunk rewards (POST /v1/chunk-score): loss chunk
 
 `make_signal` picks the implementation for `cfg.loss`; a new signal adds one entry to SIGNALS.
@@ -16,6 +18,7 @@ from opd_student.methods.options import MethodOptions
 from opd_student.rollout_factory import RolloutFactory
 from opd_student.signals.base import TeacherSignal
 from opd_student.signals.chunk_rewards import ChunkRewards, keeps_initial_weights
+from opd_student.signals.hidden_states import ExactFullVocab
 from opd_student.signals.token_scores import SampledToken, StudentTopK, TeacherTopK
 from opd_student.student_model import Student
 from opd_student.teacher_link import TeacherLink
@@ -27,6 +30,9 @@ SIGNALS: dict[str, Factory] = {
     "topk_forward_kl": TeacherTopK,
     "jsd": TeacherTopK,
     "student_topk_reverse_kl": StudentTopK,
+    "exact_reverse_kl": ExactFullVocab,
+    "exact_forward_kl": ExactFullVocab,
+    "exact_jsd": ExactFullVocab,
     "chunk": lambda cfg, student, link, factory, methods: ChunkRewards(cfg, student, link, factory),
 }
 

@@ -24,7 +24,7 @@ from opd_client.scores import SequenceScores
 from opd_student import losses
 from opd_student.config import TrainConfig
 from opd_student.distributed import World
-from opd_student.evaluation import EVAL_TOP_K, evaluate
+from opd_student.evaluation import eval_summary, evaluate
 from opd_student.methods.options import MethodOptions
 from opd_student.methods.teacher_metrics import TeacherMetrics
 from opd_student.microbatch import MicroBatch, no_grad_pass
@@ -33,6 +33,7 @@ from opd_student.rollout_factory import RolloutFactory
 from opd_student.rollouts import Rollout, TeacherTensors, teacher_tensors
 from opd_student.signals.base import EvalResult
 from opd_student.student_model import Student
+from opd_student.teacher_heads import TeacherHeads, offers_hidden_states
 from opd_student.teacher_link import Pending, TeacherLink
 
 
@@ -63,12 +64,23 @@ class TokenScoreSignal:
     ) -> None:
         self.cfg, self.student, self.link, self.factory, self.methods = cfg, student, link, factory, methods
 
+        # Held-out evaluation adds the exact full-vocabulary KLs when every teacher serves hidden states.
+        self.exact_eval = True
+        self._heads: TeacherHeads | None = None
+
+    @property
+    def heads(self) -> TeacherHeads:
+        if self._heads is None:
+            self._heads = TeacherHeads(self.link.client, self.student.device)
+        return self._heads
+
     def check_teacher(self, info: ModelInfo, url: str) -> None:
         if info.black_box:
             raise SystemExit(
                 f"error: teacher {info.name!r} at {url} is black-box ({info.source}): it has no logprobs for "
                 f"--loss {self.cfg.loss}; use --loss chunk"
             )
+        self.exact_eval = self.exact_eval and offers_hidden_states(info)
 
     def score_ids(self, rollouts: list[Rollout]) -> list | None:
         """Ids whose teacher logprobs the loss needs beyond the top-k (None: none)."""
@@ -91,7 +103,9 @@ class TokenScoreSignal:
         teacher: TeacherTensors,
         mask_B_T: torch.Tensor,
         score_ids_B_T_K: torch.Tensor | None,
+        teachers_B: list[str | None],
     ) -> torch.Tensor:
+        """The masked per-token loss [B, T] of one micro-batch; teachers_B names each row's teacher."""
         raise NotImplementedError
 
     def evaluate(self, student: Student, prompts: list[Prompt], seed: int) -> EvalResult:
@@ -104,16 +118,13 @@ class TokenScoreSignal:
             self.cfg.eval_max_new_tokens,
             seed=seed,
             world=student.world,
+            heads=self.heads if self.exact_eval else None,
         )
-        return EvalResult(
-            result,
-            f"sampled reverse KL {result['eval/reverse_kl']:.4f}, "
-            f"top-{EVAL_TOP_K} forward KL {result['eval/topk_forward_kl']:.4f} nats/token",
-        )
+        return EvalResult(result, eval_summary(result))
 
 
 class SampledToken(TokenScoreSignal):
-    def loss(self, logprobs_B_T_V, q_tok_B_T, teacher, mask_B_T, score_ids_B_T_K):
+    def loss(self, logprobs_B_T_V, q_tok_B_T, teacher, mask_B_T, score_ids_B_T_K, teachers_B):
         adv_B_T = losses.reverse_kl_advantages(
             q_tok_B_T.detach(), teacher.token_logprobs_B_T, mask_B_T, discount=self.cfg.discount
         )
@@ -121,7 +132,7 @@ class SampledToken(TokenScoreSignal):
 
 
 class TeacherTopK(TokenScoreSignal):
-    def loss(self, logprobs_B_T_V, q_tok_B_T, teacher, mask_B_T, score_ids_B_T_K):
+    def loss(self, logprobs_B_T_V, q_tok_B_T, teacher, mask_B_T, score_ids_B_T_K, teachers_B):
         args = (logprobs_B_T_V, teacher.top_ids_B_T_K, teacher.top_logprobs_B_T_K, teacher.tail_logprob_B_T)
         if self.cfg.loss == "topk_forward_kl":
             return losses.topk_forward_kl(*args, mask_B_T)
@@ -139,7 +150,7 @@ class StudentTopK(TokenScoreSignal):
 
         return no_grad_pass(self.student, rollouts, self.cfg.micro_batch_size, top_ids)
 
-    def loss(self, logprobs_B_T_V, q_tok_B_T, teacher, mask_B_T, score_ids_B_T_K):
+    def loss(self, logprobs_B_T_V, q_tok_B_T, teacher, mask_B_T, score_ids_B_T_K, teachers_B):
         return losses.student_topk_reverse_kl(
             logprobs_B_T_V, score_ids_B_T_K, teacher.score_logprobs_B_T_M, mask_B_T
         )
@@ -170,7 +181,10 @@ class TokenStepLoss:
                     self.feedback.score_ids[i]
                 )
         q_tok_B_T = mb.token_logprobs_B_T
-        per_token_B_T = self.signal.loss(mb.logprobs_B_T_V, q_tok_B_T, teacher, mb.mask_B_T, score_ids_B_T_K)
+        names_B = [self.rollouts[i].teacher for i in mb.idx]
+        per_token_B_T = self.signal.loss(
+            mb.logprobs_B_T_V, q_tok_B_T, teacher, mb.mask_B_T, score_ids_B_T_K, names_B
+        )
         weights_B_T = self.weights.micro_batch(list(mb.idx), mb.logprobs_B_T_V, teacher, mb.mask_B_T)
         if weights_B_T is not None:
             per_token_B_T = per_token_B_T * weights_B_T
@@ -178,7 +192,6 @@ class TokenStepLoss:
         kl_B_T = losses.sampled_reverse_kl(q_tok_B_T.detach(), teacher.token_logprobs_B_T, mb.mask_B_T)
         self.kl_sum += kl_B_T.sum().item()
         if self.per_teacher is not None:
-            names_B = [self.rollouts[i].teacher for i in mb.idx]
             self.per_teacher.add(names_B, kl_B_T, teacher.token_logprobs_B_T, mb.mask_B_T)
         self.teacher_lp_sum += (teacher.token_logprobs_B_T * mb.mask_B_T).sum().item()
         return per_token_B_T
