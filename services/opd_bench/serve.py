@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -185,7 +186,7 @@ def payload_bytes(teacher, sequence: dict, top_k: int) -> dict[str, float]:
     headers = {"Authorization": f"Bearer {teacher.api_key}"}
     body = {"sequences": [sequence], "top_k": top_k}
     scored = len(sequence["token_ids"]) - sequence["prompt_len"]
-    variants = {
+    variants: dict[str, tuple[dict[str, Any], dict[str, str]]] = {  # name: (body fields, headers)
         "json": ({"format": "json"}, {}),
         "binary (base64 JSON)": ({"format": "binary"}, {}),
         "protobuf": ({}, {"Accept": "application/x-protobuf"}),
@@ -215,8 +216,14 @@ def payload_bytes(teacher, sequence: dict, top_k: int) -> dict[str, float]:
         out[name] = len(response.content) / scored
     with grpc.insecure_channel(teacher.grpc_target) as channel:
         stub = pb_grpc.TeacherStub(channel)
-        for name, dtype in (("gRPC", "float32"), ("gRPC float16", "float16")):
-            req = schema.ScoreRequest(sequences=[sequence], top_k=top_k, logprob_dtype=dtype)
+        grpc_variants: tuple[tuple[str, schema.LogprobDtype], ...] = (
+            ("gRPC", "float32"),
+            ("gRPC float16", "float16"),
+        )
+        for name, dtype in grpc_variants:
+            req = schema.ScoreRequest(
+                sequences=[schema.Sequence.model_validate(sequence)], top_k=top_k, logprob_dtype=dtype
+            )
             response = stub.Score(
                 convert.score_request_to_proto(req),
                 metadata=(("authorization", f"Bearer {teacher.api_key}"),),

@@ -20,9 +20,12 @@ import tokenize
 import types
 import typing
 from functools import cache
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 @cache
@@ -43,7 +46,7 @@ def field_help(cls: type) -> dict[str, str]:
             continue
         end = node.end_lineno or node.lineno
         trailing = [comments[n] for n in range(node.lineno, end + 1) if n in comments]
-        above = []
+        above: list[str] = []
         line = node.lineno - 1
         while line > previous_end and line in comments and not comments[line].startswith("---"):
             above.insert(0, comments[line])
@@ -161,7 +164,7 @@ def add_deprecated_alias(
         old,
         action=DeprecatedAlias,
         dest=target.dest,
-        type=target.type,
+        type=target.type or str,
         metavar=target.metavar,
         default=argparse.SUPPRESS,  # the default is `new`'s
         help=argparse.SUPPRESS,

@@ -107,14 +107,14 @@ def build_trainer(settings: CompareSettings, arm: str, out_dir: Path, teacher_ur
     if arm == "trl-distill":
         from trl import DistillationConfig, DistillationTrainer
 
-        class Trainer(CountTeacherTokens, DistillationTrainer):
+        class CountingDistillationTrainer(CountTeacherTokens, DistillationTrainer):
             pass
 
         teacher = AutoModelForCausalLM.from_pretrained(
             resolve_model(settings.teacher)[0], dtype=torch.float32
         )
         args = DistillationConfig(**shared, beta=JSD_BETA)
-        return Trainer(
+        return CountingDistillationTrainer(
             model=model,
             teacher_model=teacher,
             args=args,
@@ -130,7 +130,7 @@ def build_trainer(settings: CompareSettings, arm: str, out_dir: Path, teacher_ur
         # not installable on a CPU-only machine): that one check is answered yes, as in tests/test_trl_compat.py.
         vllm_client.is_vllm_available = lambda *args, **kwargs: True
 
-        class Trainer(CountTeacherTokens, ServerDistillationTrainer):
+        class CountingServerDistillationTrainer(CountTeacherTokens, ServerDistillationTrainer):
             pass
 
         args = ServerDistillationConfig(
@@ -139,7 +139,7 @@ def build_trainer(settings: CompareSettings, arm: str, out_dir: Path, teacher_ur
             beta=TRL_SERVER_BETA,
             loss_top_k=TRL_SERVER_TOP_K,
         )
-        return Trainer(
+        return CountingServerDistillationTrainer(
             model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks
         )
     raise ValueError(f"not a TRL distillation arm: {arm}")

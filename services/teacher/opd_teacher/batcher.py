@@ -200,7 +200,8 @@ class Batcher:
         if not self._queue:
             return []
         key, budget = self._queue[0].key, self.limits.max_batch_tokens
-        batch, tokens = [], 0
+        batch: list[_Job] = []
+        tokens = 0
         for job in list(self._queue):
             if job.key != key:
                 continue

@@ -22,7 +22,7 @@ from opd_teacher.engine import TeacherEngine
 from opd_teacher.http.app import create_app
 
 log = logging.getLogger("opd_teacher")
-HTTP_FLUSH_S = 5.0  # after the drain: time for uvicorn to write the last responses and close
+HTTP_FLUSH_S = 5  # seconds after the drain for uvicorn to write the last responses and close (an int)
 
 
 @dataclass

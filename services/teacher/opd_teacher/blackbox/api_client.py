@@ -73,7 +73,9 @@ class ApiUsage:
     retries: int = 0
 
     def add(self, body: dict) -> None:
-        usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+        usage = body.get("usage")
+        if not isinstance(usage, dict):
+            usage = {}
         self.requests += 1
         self.prompt_tokens += _int(usage.get("prompt_tokens"))
         self.completion_tokens += _int(usage.get("completion_tokens"))
@@ -194,8 +196,8 @@ async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
                 task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # let the cancelled ones close their calls
     for task in tasks:
-        if not task.cancelled() and task.exception() is not None:
-            raise task.exception()
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
     return [task.result() for task in tasks]
 
 
@@ -230,7 +232,8 @@ def _parse_choices(url: str, response: httpx.Response, top_logprobs: int) -> tup
 
 
 def _choice(raw: object, i: int, top_logprobs: int, status: int) -> ApiChoice:
-    message = raw.get("message") if isinstance(raw, dict) else None
+    choice = raw if isinstance(raw, dict) else {}
+    message = choice.get("message")
     content = message.get("content") if isinstance(message, dict) else None
     if not isinstance(content, str):
         # content: null happens for tool calls and refusals; a chunk needs text, so say which field is off.
@@ -241,17 +244,17 @@ def _choice(raw: object, i: int, top_logprobs: int, status: int) -> ApiChoice:
         )
     tokens = None
     if top_logprobs:
-        logprobs = raw.get("logprobs")
+        logprobs = choice.get("logprobs")
         entries = logprobs.get("content") if isinstance(logprobs, dict) else None
         if isinstance(entries, list):  # APIs without logprobs leave them out: verification uses the text
             tokens = [_token(e) for e in entries if isinstance(e, dict) and isinstance(e.get("token"), str)]
-    return ApiChoice(content, raw.get("finish_reason"), tokens)
+    return ApiChoice(content, choice.get("finish_reason"), tokens)
 
 
 def _token(entry: dict) -> TeacherToken:
     logprob = entry.get("logprob")
     logprob = float(logprob) if isinstance(logprob, int | float) else None
-    alternatives = {}
+    alternatives: dict[str, float] = {}
     for alt in entry.get("top_logprobs") or []:
         if (
             isinstance(alt, dict)

@@ -31,8 +31,8 @@ INSTRUCT_TEMPLATE = "{question}\n\nComplete the answer: {prefix}"
 class BlackBoxBackend:
     """What the engine holds for `--backend openai`; chunk scoring (opd_teacher.blackbox.chunk_scorer) uses it."""
 
-    bos_token_id = None
-    last_forward_tokens = 0
+    bos_token_id: int | None = None  # the Backend protocol's attributes (no tokenizer, no forwards here)
+    last_forward_tokens: int = 0
 
     def __init__(
         self,

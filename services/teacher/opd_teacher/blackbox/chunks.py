@@ -111,9 +111,9 @@ def verify_chunk(
             position += len(token.text)
         offset = 0
         for i, piece in enumerate(pieces[: accepted + 1]):
-            token = by_start.get(offset)
-            if token is not None and piece:
-                logprobs[i] = token.alternatives.get(piece)
+            starting = by_start.get(offset)  # the teacher's token that starts where this piece does
+            if starting is not None and piece:
+                logprobs[i] = starting.alternatives.get(piece)
             offset += len(piece)
     return Verification(accepted, logprobs)
 
