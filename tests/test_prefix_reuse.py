@@ -20,6 +20,7 @@ from opd_common.embedded import DEFAULT_TEACHER, embedded_teacher_dir
 from opd_teacher.backends.base import ScoreItem
 from opd_teacher.backends.hf import HFBackend, HFLimits
 from opd_teacher.backends.plan import plan_score
+from opd_teacher.batcher import BatchLimits
 
 TOL = 1e-4  # nats, fp32
 
@@ -205,7 +206,7 @@ def test_empty_teacher_contexts_share_the_bos_prompt(tiny, tiny_plain):
 def test_a_group_larger_than_max_batch_tokens_is_split_and_each_forward_fits(tiny_model_dir, tiny_plain):
     budget = 200
     small = HFBackend(
-        "tiny", str(tiny_model_dir), dtype="float32", device="cpu", limits=HFLimits(max_batch_tokens=budget)
+        "tiny", str(tiny_model_dir), dtype="float32", device="cpu", batch=BatchLimits(max_batch_tokens=budget)
     )
     rng = np.random.default_rng(7)
     prompt = tokens(rng, 40)

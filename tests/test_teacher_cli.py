@@ -75,10 +75,12 @@ def test_no_flags_give_the_dataclass_defaults_and_each_flag_sets_its_field(cls):
     assert dataclass_from_args(cls, parser.parse_args(argv)) == cls(**expected)
 
 
-def test_one_max_batch_tokens_flag_feeds_the_batcher_and_the_forwards():
-    args = parse("--max-batch-tokens", "1234")
-    assert dataclass_from_args(BatchLimits, args).max_batch_tokens == 1234
-    assert dataclass_from_args(HFLimits, args).max_batch_tokens == 1234
+def test_max_batch_tokens_is_one_setting_for_the_batcher_and_the_forwards():
+    settings = [(cls.__name__, f.name) for cls in LIMITS for f in dataclasses.fields(cls)]
+    assert [cls for cls, name in settings if name == "max_batch_tokens"] == ["BatchLimits"]
+    batch = dataclass_from_args(BatchLimits, parse("--max-batch-tokens", "1234"))
+    (loader,) = cli.hf_loaders(parse("--model", "t=/nowhere"), batch).values()
+    assert loader.keywords["batch"].max_batch_tokens == 1234  # what HFBackend packs its forwards by
 
 
 @pytest.mark.parametrize(

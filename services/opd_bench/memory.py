@@ -43,6 +43,7 @@ import torch
 from opd_common.embedded import DEFAULT_TEACHER
 from opd_teacher.backends.base import ScoreItem
 from opd_teacher.backends.hf import HFBackend, HFLimits
+from opd_teacher.batcher import BatchLimits
 
 VARIANTS = ("forward", "chunked", "full")
 MIB = 1 << 20
@@ -151,9 +152,15 @@ def run_variant(cfg: BenchConfig, variant: str, arrays_out: Path | None = None) 
     limits = HFLimits(
         max_top_k=max(cfg.top_k, HFLimits.max_top_k),
         logits_block_tokens=cfg.chunk_tokens,
-        max_batch_tokens=cfg.max_batch_tokens,
     )
-    backend = HFBackend(cfg.model, cfg.model, dtype=cfg.dtype, device=cfg.device, limits=limits)
+    backend = HFBackend(
+        cfg.model,
+        cfg.model,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        limits=limits,
+        batch=BatchLimits(max_batch_tokens=cfg.max_batch_tokens),
+    )
     load_s = time.perf_counter() - started
     tokens_B_L = random_tokens(cfg, backend.info.vocab_size)
     # Warm-up on a short row, scored (so the lm_head runs) and through this variant. transformers memory-maps

@@ -238,9 +238,11 @@ def payload_bytes(teacher, sequence: dict, top_k: int) -> dict[str, float]:
 
 def run_serve_bench(cfg: ServeBenchConfig, workdir: Path) -> dict:
     from opd_teacher.backends.hf import HFBackend, HFLimits
+    from opd_teacher.batcher import BatchLimits
 
-    limits = HFLimits(max_batch_tokens=cfg.max_batch_tokens, prefix_reuse=cfg.prefix_reuse)
-    backend = HFBackend("raw", cfg.model, dtype=cfg.dtype, device=cfg.device, limits=limits)
+    limits = HFLimits(prefix_reuse=cfg.prefix_reuse)
+    batch = BatchLimits(max_batch_tokens=cfg.max_batch_tokens)
+    backend = HFBackend("raw", cfg.model, dtype=cfg.dtype, device=cfg.device, limits=limits, batch=batch)
     vocab = backend.info.vocab_size
     warm = make_pool(cfg, 2, cfg.seed + 999, vocab)
     run_raw(backend, warm, cfg)

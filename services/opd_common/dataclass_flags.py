@@ -93,18 +93,17 @@ def add_dataclass_flags(
     skip: tuple[str, ...] = (),
     rename: dict[str, str] | None = None,
     flag_prefix: str = "",
-    help_texts: dict[str, str] | None = None,
 ) -> None:
     """One `--flag` per field of dataclass `cls`: `--{flag_prefix}{name}`, underscores become dashes.
 
     With `defaults_from_cls` the flags default to the fields' defaults (a parser that builds `cls` from
     its namespace); otherwise they default to None so that a config file's values survive (the caller
     merges). The help text always names the default. `rename` gives some fields another flag (the whole
-    `--flag`); `help_texts` the help of fields whose class has no comment for them. Two flags with one
-    dest would silently share a value, so a field whose name another flag of `parser` already uses raises.
+    `--flag`). Two flags with one dest would silently share a value, so a field whose name another flag of
+    `parser` already uses raises.
     """
     hints = get_type_hints(cls)
-    docs = {**(help_texts or {}), **field_help(cls)}
+    docs = field_help(cls)
     rename = rename or {}
     taken = {action.dest for action in parser._actions}
     for f in dataclasses.fields(cls):

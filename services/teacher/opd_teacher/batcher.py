@@ -36,7 +36,7 @@ class BatchLimits:
     each comment is the flag's --help).
 
     `max_batch_tokens` is the one budget of the service: the batcher groups requests by it, and the HF backend
-    packs each forward's padded tokens by it (the CLI hands it to HFLimits; it has no flag of its own there).
+    packs each forward's padded tokens by it (HFBackend takes these limits as `batch`).
     """
 
     # tokens per batched forward (teacher view: context + completion): queued requests join a batch while it

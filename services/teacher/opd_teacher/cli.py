@@ -90,16 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="file with accepted API keys, one per line; then every endpoint but health needs "
         "'Authorization: Bearer KEY'",
     )
-    # Request limits and scoring: HFLimits' fields. Its max_batch_tokens is BatchLimits' (one budget for the
-    # batcher and the forwards, see BatchLimits), so it has one flag, from BatchLimits, and hf_loaders passes
-    # that value on.
-    add_dataclass_flags(
-        p,
-        HFLimits,
-        defaults_from_cls=True,
-        skip=("max_batch_tokens",),
-        help_texts={"max_top_k": "largest top_k a request may ask for"},  # HFLimits has no comment for it
-    )
+    add_dataclass_flags(p, HFLimits, defaults_from_cls=True)  # request limits and scoring
     add_deprecated_alias(p, "--score-chunk-tokens", "--logits-block-tokens")  # its former name
     add_dataclass_flags(p, BatchLimits, defaults_from_cls=True)
     p.add_argument(
@@ -151,22 +142,25 @@ def main(args: argparse.Namespace) -> None:
     )
     from opd_teacher.server import ServerConfig, serve
 
-    loaders = blackbox_loaders(args) if args.backend == "openai" else hf_loaders(args)
+    batch = dataclass_from_args(BatchLimits, args)
+    loaders = blackbox_loaders(args) if args.backend == "openai" else hf_loaders(args, batch)
     config = ServerConfig(
         host=args.host,
         port=args.port,
         grpc_port=args.grpc_port or None,
         api_keys=read_api_keys(args.api_key_file),
         drain_timeout_s=args.drain_timeout,
-        batch=dataclass_from_args(BatchLimits, args),
+        batch=batch,
     )
     asyncio.run(serve(config, loaders))
 
 
-def hf_loaders(args: argparse.Namespace) -> dict[str, Callable[[], Backend]]:
-    limits = dataclass_from_args(HFLimits, args)  # max_batch_tokens: BatchLimits' flag, the same dest
+def hf_loaders(args: argparse.Namespace, batch: BatchLimits) -> dict[str, Callable[[], Backend]]:
+    limits = dataclass_from_args(HFLimits, args)
     return {
-        alias: partial(HFBackend, alias, path, dtype=args.dtype, device=args.device, limits=limits)
+        alias: partial(
+            HFBackend, alias, path, dtype=args.dtype, device=args.device, limits=limits, batch=batch
+        )
         for alias, path in parse_models(args.model, args.name).items()
     }
 

@@ -28,6 +28,7 @@ from opd_teacher.backends.plan import plan_score
 from opd_teacher.backends.prefix_cache import NoPrefixReuse, Prefix
 from opd_teacher.backends.results import RankedScores, hidden_rows, pad_cat, split_scores  # noqa: F401
 from opd_teacher.backends.topk import score_hidden
+from opd_teacher.batcher import BatchLimits
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass(frozen=True)
 class HFLimits:
-    max_top_k: int = 1024
-    max_tokens: int = 65536  # per request, teacher view (context + completion), summed over sequences
-    max_sequence_len: int | None = None  # default: the model's max_position_embeddings
-    max_batch_tokens: int = 8192  # padded tokens per forward
+    """The white-box backend's limits; `opd serve-teacher`'s flags are generated from these fields (each
+    comment is the flag's --help). Its forwards' token budget is the batcher's, BatchLimits.max_batch_tokens:
+    one setting, which HFBackend takes as `batch`."""
+
+    max_top_k: int = 1024  # largest top_k a request may ask for
+    # tokens per request (teacher view: context + completion, summed over sequences); more gets 413
+    max_tokens: int = 65536
+    max_sequence_len: int | None = None  # tokens per sequence (default: the model's max_position_embeddings)
     logits_block_tokens: int = 512  # rows of logits materialised at once
     prefix_reuse: bool = True  # run a prompt shared by several items once (off: every item in full)
     # Every item in its own forward, so its floats never depend on its batch mates (CPU and GPU kernels
@@ -70,12 +75,19 @@ class HFBackend:
     """One teacher model. Not thread-safe: the caller runs one score() at a time."""
 
     def __init__(
-        self, name: str, model: str, dtype: str = "auto", device: str = "auto", limits: HFLimits = HFLimits()
+        self,
+        name: str,
+        model: str,
+        dtype: str = "auto",
+        device: str = "auto",
+        limits: HFLimits = HFLimits(),
+        batch: BatchLimits | None = None,  # its max_batch_tokens bounds each forward's padded tokens
     ):
         path, source = resolve_model(model)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.limits = limits
+        self.max_batch_tokens = (batch or BatchLimits()).max_batch_tokens
         log.info("loading %s from %s (%s, %s)", name, path, self.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
@@ -135,7 +147,7 @@ class HFBackend:
         plan = plan_score(
             contexts,
             [len(item.completion_ids) for item in items],
-            self.limits.max_batch_tokens,
+            self.max_batch_tokens,
             prefix_reuse=self.prefix_reuse,
         )
         results: list[SequenceScores | None] = [None] * len(items)
