@@ -4,6 +4,12 @@ and `opd train --loss exact_*` trains under routing to two teachers with differe
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from test_train import run_train
@@ -74,3 +80,34 @@ def test_exact_losses_train_with_two_teachers_and_their_own_heads(teacher, stude
         assert r["loss"] > 0 and r["tokens"] > 0
     for r in evals:
         assert r["eval/exact_reverse_kl"] > 0 and r["eval/exact_forward_kl"] > 0
+
+
+def test_exact_loss_with_lora_and_token_weights(teacher, student_dir, tmp_path):
+    """LoRA adapters, FiRe's rollout filter and confidence weights and TA-OPD's teachable tokens (both
+    scored from the top-k the exact request also asks for) on the exact loss."""
+    run_train(
+        teacher.http_url, teacher.api_key, student_dir, tmp_path / "run", "--loss", "exact_forward_kl",
+        "--steps", "2", "--lora", "--fire-opd", "--fire-drop-fraction", "0.25", "--ta-opd", "--ta-fraction", "0.5",
+    )  # fmt: skip
+    train = [r for r in read_metrics(tmp_path / "run") if not r.get("eval")]
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert r["loss"] > 0 and r["select/rollouts_dropped"] == 1  # 4 rollouts a step: one dropped
+        # TA-OPD keeps half of what the filter left: at most half of the step's tokens
+        assert 0 < r["select/tokens"] <= math.ceil(0.5 * r["tokens"])
+        assert r["select/teachability_chosen_mean"] >= r["select/teachability_mean"]
+    assert (tmp_path / "run" / "final" / "config.json").exists()
+
+
+def test_opd_eval_reports_the_exact_kls(teacher, student_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "opd_cli.main", "eval", "--teacher-url", teacher.http_url,
+           "--teacher-model", "tiny", "--student", str(student_dir), "--num-prompts", "3",
+           "--max-new-tokens", "6", "--device", "cpu", "--json-out", str(out)]  # fmt: skip
+    env = {**os.environ, "OPD_TEACHER_API_KEY": teacher.api_key}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert f"exact reverse KL    {result['eval/exact_reverse_kl']:.4f}" in r.stdout
+    assert f"exact forward KL    {result['eval/exact_forward_kl']:.4f}" in r.stdout
+    assert result["eval/exact_reverse_kl"] > 0 and result["eval/tokens"] > 0

@@ -71,8 +71,9 @@ def exact_divergence(
         h_n_D = h_n_D.to(head_dev)
 
         def block(lq: Tensor, h: Tensor = h_n_D) -> Tensor:
-            lp = teacher_logprobs(h, head, vocab, temperature).to(lq.device)
-            return _divergence(_student_logprobs(lq, vocab, temperature), lp, kind, beta)
+            lq = _student_logprobs(lq, vocab, temperature)
+            lp = teacher_logprobs(h, head, vocab, temperature).to(lq.device, lq.dtype)
+            return _divergence(lq, lp, kind, beta)
 
         if lq_n_V.requires_grad and torch.is_grad_enabled():
             parts.append(checkpoint(block, lq_n_V, use_reentrant=False))
@@ -105,7 +106,8 @@ def teacher_logprobs(hidden_N_D: Tensor, head: TeacherHead, vocab: int | None, t
 
 
 def _student_logprobs(lq_N_V: Tensor, vocab: int | None, temperature: float) -> Tensor:
-    lq_N_V = lq_N_V.float()
+    if lq_N_V.dtype != torch.float64:  # float64 stays (exact comparisons of code paths), the rest is fp32
+        lq_N_V = lq_N_V.float()
     if vocab is not None:
         lq_N_V = lq_N_V[:, :vocab]
     if temperature != 1.0 or vocab is not None:
