@@ -379,13 +379,13 @@ def test_health_aliases_are_open_and_the_rest_needs_the_key(teacher):
 def test_sampling_filters_keep_the_documented_support_and_renormalise(kw, support):
     import torch
 
-    from opd_teacher.backends.generate import SamplingParams, _sample
+    from opd_teacher.backends.generate import SamplingParams, sample_next
 
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     rows = 40_000
     logprobs = probs.log().expand(rows, -1)
     generator = torch.Generator().manual_seed(0)
-    drawn = _sample(logprobs, SamplingParams(max_tokens=1, **kw), generator)
+    drawn = sample_next(logprobs, SamplingParams(max_tokens=1, **kw), generator)
     freq = torch.bincount(drawn, minlength=4).double() / rows
     assert set(torch.nonzero(freq).flatten().tolist()) == set(support)
     tempered = probs.double() ** (1 / kw.get("temperature", 1.0) if kw.get("temperature") else 1.0)

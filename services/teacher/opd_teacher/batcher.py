@@ -46,6 +46,9 @@ class BatchLimits:
     max_wait_ms: float = 5.0
     # tokens waiting in the queue beyond which requests get 429 / RESOURCE_EXHAUSTED + Retry-After
     max_queue_tokens: int = 65536
+    # tokens one sample of /v1/completions or /v1/chat/completions may generate (max_tokens above it: 400);
+    # also the chat default when max_tokens is not given. Bounds how long one request holds generation
+    max_generation_tokens: int = 2048
 
 
 @dataclass(eq=False)

@@ -2,14 +2,14 @@
 
 Both faces (HTTP, gRPC) call into this one object, so validation, metrics and scheduling are shared.
 Each model has a Batcher; all forwards run on a single worker thread, off the event loop: on CPU one
-forward already uses every core, and on GPU one stream at a time keeps memory predictable.
+forward already uses every core, and on GPU one stream at a time keeps memory predictable. Generations
+(the OpenAI-compatible endpoints) use the same thread one decode step at a time, between score batches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -27,8 +27,8 @@ if TYPE_CHECKING:  # generate imports torch; the engine itself does not need it
     from opd_teacher.backends.generate import Sample, SamplingParams
 
 
-# Generations waiting for the forward thread beyond which new ones are refused (429): each holds the thread
-# for a whole decode, so a longer queue only adds latency.
+# Generations waiting for their turn (or running) beyond which new ones are refused (429): they run one at
+# a time, so a longer queue only adds latency.
 MAX_WAITING_GENERATIONS = 64
 
 
@@ -55,6 +55,7 @@ class TeacherEngine:
         self.draining = False
         self.active = 0  # score / generate / chunk-score calls in progress: the drain waits for 0
         self._waiting_generations = 0
+        self._generation_turn = asyncio.Lock()
 
     @contextlib.contextmanager
     def _working(self):
@@ -135,10 +136,12 @@ class TeacherEngine:
         )
 
     async def generate(self, name: str, prompt_ids: list[int], params: SamplingParams) -> list[Sample]:
-        """params.n samples continuing prompt_ids (validated by the caller), on the forward thread.
+        """params.n samples continuing prompt_ids (validated by the caller).
 
-        Not batched: a generation holds the forward thread for its whole decode, score batches wait behind it.
-        Cancelling the caller stops the decode at the next token.
+        Generations take turns, one at a time (each holds a KV cache for its samples). The running one hands
+        the forward thread one decode step at a time, so score batches queued meanwhile run between two of
+        its steps: a score request waits for at most one step, however long the generation. Cancelling the
+        caller stops the decode before its next step.
         """
         backend = self.backend(name)
         if self._waiting_generations >= MAX_WAITING_GENERATIONS:
@@ -147,16 +150,21 @@ class TeacherEngine:
                 f"{MAX_WAITING_GENERATIONS}); retry later",
                 retry_after=5,
             )
-        cancel = threading.Event()
         loop = asyncio.get_running_loop()
         self._waiting_generations += 1
         try:
             with self._working():
-                return await loop.run_in_executor(
-                    self._executor, backend.generate, prompt_ids, params, cancel
-                )
+                async with self._generation_turn:
+                    generation = backend.start_generation(prompt_ids, params)
+                    tokens = 0
+                    done = False
+                    while not done:
+                        done = await loop.run_in_executor(self._executor, generation.step)
+                        now = sum(len(s.token_ids) for s in generation.samples)
+                        metrics.GENERATED_TOKENS.labels(name).inc(now - tokens)
+                        tokens = now
+                    return generation.samples
         finally:
-            cancel.set()  # a no-op once it returned; stops the decode if we were cancelled
             self._waiting_generations -= 1
 
     async def chunk_score(self, req: schema.ChunkScoreRequest) -> schema.ChunkScoreResponse:

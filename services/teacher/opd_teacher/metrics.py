@@ -44,5 +44,8 @@ FORWARD_TOKENS = Counter(
     "Tokens run through the teacher (a prompt shared in a batch counts once)",
     ["model"],
 )
+GENERATED_TOKENS = Counter(
+    "opd_generated_tokens_total", "Tokens sampled by /v1/completions and /v1/chat/completions", ["model"]
+)
 INFLIGHT = Gauge("opd_inflight_requests", "Score requests being processed or waiting", ["model"])
 READY = Gauge("opd_ready", "1 when the service is ready to score")

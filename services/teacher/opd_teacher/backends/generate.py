@@ -4,12 +4,12 @@ The prompt runs once; its KV cache is repeated for the n samples, which then dec
 The logprobs reported are the model's own distribution (temperature 1, before top-k/top-p/min-p), as vLLM
 reports them by default, computed by the same function as scoring (topk.logprobs_of), so they equal what
 /v1/score gives for the same tokens up to float summation order. Sampling applies temperature, top-k,
-top-p and min-p in that order; temperature 0 is greedy (argmax).
+top-p and min-p in that order; temperature 0 is greedy (argmax). A request decodes step by step
+(Generation.step), so the engine can run score batches between two of its tokens.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -48,11 +48,66 @@ class Sample:
     stop_reason: str | int | None = None  # the stop string or stop token id (None: EOS or length), as vLLM
 
 
-class GenerationCancelled(Exception):
-    """The caller went away; the forward thread stops decoding at the next token."""
+class Generation:
+    """One request's decode, advanced by step(): the prompt on the first call, then one token per call.
+
+    The engine runs each step as its own task on the forward thread, so score batches run between two steps
+    of a long generation instead of waiting for all of it. Not thread-safe: one step() at a time.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        decode: Callable[[list[int], bool], str],
+        prompt_ids: list[int],
+        params: SamplingParams,
+        eos_ids: frozenset[int],
+        cache_kwarg: str | None,
+        softcap: float | None = None,
+    ) -> None:
+        self.model, self.decode, self.prompt_ids, self.params = model, decode, prompt_ids, params
+        self.eos_ids, self.softcap = eos_ids, softcap
+        self.generator = torch.Generator(device="cpu")
+        if params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(params.seed % (1 << 64))
+        device = model.get_output_embeddings().weight.device
+        self._stepper = _Stepper(model, cache_kwarg, device)
+        self._hidden_N_H: torch.Tensor | None = None  # the last positions' hidden states, None before prefill
+        self.samples = [Sample() for _ in range(params.n)]
+        self.steps = 0  # tokens drawn per sample so far
+        self.done = False
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Draws the next token of every unfinished sample; True once all samples have finished."""
+        if self.done:
+            return True
+        params = self.params
+        if self._hidden_N_H is None:
+            self._hidden_N_H = self._stepper.prefill(self.prompt_ids, params.n)
+        logits_N_V = self.model.get_output_embeddings()(self._hidden_N_H)
+        logprobs_N_V = logprobs_of(logits_N_V, 1.0, self.softcap)
+        next_N = sample_next(logprobs_N_V, params, self.generator)
+        token_lp_N = logprobs_N_V.gather(1, next_N[:, None])[:, 0].tolist()
+        top_lp_N_K, top_ids_N_K = logprobs_N_V.topk(max(params.logprobs, 1), dim=-1)
+        next_ids, top_ids, top_lps = next_N.tolist(), top_ids_N_K.tolist(), top_lp_N_K.tolist()
+        self.steps += 1
+        is_last = self.steps == params.max_tokens
+        for b, sample in enumerate(self.samples):
+            if sample.finish_reason is None:
+                sample.token_ids.append(next_ids[b])
+                sample.token_logprobs.append(token_lp_N[b])
+                sample.top_ids.append(top_ids[b])
+                sample.top_logprobs.append(top_lps[b])
+                _check_finished(sample, params, self.eos_ids, self.decode, is_last=is_last)
+        self.done = all(s.finish_reason is not None for s in self.samples)
+        if not self.done:
+            self._hidden_N_H = self._stepper.next(next_N)
+        return self.done
 
 
-@torch.inference_mode()
 def generate(
     model: torch.nn.Module,
     decode: Callable[[list[int], bool], str],
@@ -61,42 +116,12 @@ def generate(
     eos_ids: frozenset[int],
     cache_kwarg: str | None,
     softcap: float | None = None,
-    cancel: threading.Event | None = None,
 ) -> list[Sample]:
-    """`params.n` samples continuing `prompt_ids` (non-empty). `decode(ids, skip_special_tokens)` -> text."""
-    if cancel is not None and cancel.is_set():  # gone while it waited for the forward thread
-        raise GenerationCancelled()
-    device = model.get_output_embeddings().weight.device
-    generator = torch.Generator(device="cpu")
-    if params.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(params.seed % (1 << 64))
-    n = params.n
-    step = _Stepper(model, cache_kwarg, device)
-    hidden_N_H = step.prefill(prompt_ids, n)
-    samples = [Sample() for _ in range(n)]
-    top_n = max(params.logprobs, 1)
-    for t in range(params.max_tokens):
-        if cancel is not None and cancel.is_set():
-            raise GenerationCancelled()
-        logits_N_V = model.get_output_embeddings()(hidden_N_H)
-        logprobs_N_V = logprobs_of(logits_N_V, 1.0, softcap)
-        next_N = _sample(logprobs_N_V, params, generator)
-        token_lp_N = logprobs_N_V.gather(1, next_N[:, None])[:, 0].tolist()
-        top_lp_N_K, top_ids_N_K = logprobs_N_V.topk(top_n, dim=-1)
-        next_ids, top_ids, top_lps = next_N.tolist(), top_ids_N_K.tolist(), top_lp_N_K.tolist()
-        for b, sample in enumerate(samples):
-            if sample.finish_reason is None:
-                sample.token_ids.append(next_ids[b])
-                sample.token_logprobs.append(token_lp_N[b])
-                sample.top_ids.append(top_ids[b])
-                sample.top_logprobs.append(top_lps[b])
-                _check_finished(sample, params, eos_ids, decode, is_last=t == params.max_tokens - 1)
-        if all(s.finish_reason is not None for s in samples):
-            break
-        hidden_N_H = step.next(next_N)
-    return samples
+    """`params.n` samples continuing `prompt_ids` (non-empty), all steps at once (no interleaving)."""
+    generation = Generation(model, decode, prompt_ids, params, eos_ids, cache_kwarg, softcap)
+    while not generation.step():
+        pass
+    return generation.samples
 
 
 class _Stepper:
@@ -138,13 +163,24 @@ def _cache_of(out):
     return cache if cache is not None else out.past_key_values  # the name before transformers renamed it
 
 
-def _sample(logprobs_N_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+def sample_next(
+    logprobs_N_V: torch.Tensor, params: SamplingParams, generator: torch.Generator
+) -> torch.Tensor:
     """Next token per row (on the logprobs' device): argmax at temperature 0, else a draw after temperature,
-    top-k, top-p and min-p. The draw runs on CPU, where a seeded generator gives the same samples anywhere."""
+    top-k, top-p and min-p.
+
+    Every filter keeps each row's most likely token, so any valid parameters leave something to draw: a
+    degenerate nucleus (top_p = 1e-300) or a tiny temperature ends up greedy, never NaN. The arithmetic runs
+    in float64 on CPU, where parameters far below float32's range keep their value (float32 would round
+    top_p = 1e-300 to 0 and drop every token) and a seeded generator gives the same samples anywhere.
+    """
     if params.temperature == 0:
         return logprobs_N_V.argmax(dim=-1)
-    # log-softmax is the logits shifted per row, so dividing it by the temperature samples the same law
-    scores_N_V = logprobs_N_V / params.temperature
+    logprobs_N_V64 = logprobs_N_V.detach().to("cpu", torch.float64)
+    # Shifted so each row's best is exactly 0: divided by any temperature > 0 it stays 0 (never 0 / 0 or
+    # -inf), while the others go to -inf when the temperature is tiny. The same law as logprobs / T.
+    best_N_1 = logprobs_N_V64.max(dim=-1, keepdim=True).values
+    scores_N_V = (logprobs_N_V64 - best_N_1) / params.temperature
     vocab = scores_N_V.shape[-1]
     if 0 < params.top_k < vocab:
         kth_N_1 = scores_N_V.topk(params.top_k, dim=-1).values[:, -1:]
@@ -152,14 +188,15 @@ def _sample(logprobs_N_V: torch.Tensor, params: SamplingParams, generator: torch
     if params.top_p < 1.0:
         sorted_N_V, order_N_V = scores_N_V.sort(dim=-1, descending=True)
         probs_N_V = sorted_N_V.softmax(dim=-1)
-        # drop a token once the more likely ones already hold top_p of the mass (the first is always kept)
+        # drop a token once the more likely ones already hold top_p of the mass; the first is always kept
         drop_N_V = probs_N_V.cumsum(dim=-1) - probs_N_V >= params.top_p
+        drop_N_V[:, 0] = False
         scores_N_V = scores_N_V.scatter(1, order_N_V, sorted_N_V.masked_fill(drop_N_V, float("-inf")))
     probs_N_V = scores_N_V.softmax(dim=-1)
-    if params.min_p > 0.0:
+    if params.min_p > 0.0:  # min_p <= 1: the best token is never below min_p x itself
         floor_N_1 = probs_N_V.max(dim=-1, keepdim=True).values * params.min_p
         probs_N_V = probs_N_V.masked_fill(probs_N_V < floor_N_1, 0.0)
-    return torch.multinomial(probs_N_V.cpu(), 1, generator=generator)[:, 0].to(logprobs_N_V.device)
+    return torch.multinomial(probs_N_V, 1, generator=generator)[:, 0].to(logprobs_N_V.device)
 
 
 def _check_finished(

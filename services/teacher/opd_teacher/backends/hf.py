@@ -22,7 +22,7 @@ from opd_client.scores import SequenceScores
 from opd_client.tokenizer_hash import tokenizer_sha256
 from opd_common.embedded import resolve_model
 from opd_teacher.backends.base import ScoreItem
-from opd_teacher.backends.generate import Sample, SamplingParams, generate
+from opd_teacher.backends.generate import Generation, SamplingParams
 from opd_teacher.backends.head import export_head, logit_scale_of, softcap_of
 from opd_teacher.backends.plan import plan_score
 from opd_teacher.backends.prefix_cache import NoPrefixReuse, Prefix
@@ -317,17 +317,11 @@ class HFBackend:
 
     # ---- generation (the OpenAI-compatible endpoints) -----------------------------------------------
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, cancel=None) -> list[Sample]:
-        """params.n samples continuing prompt_ids. Like score(), one call at a time (the forward thread)."""
-        return generate(
-            self.model,
-            self.decode,
-            prompt_ids,
-            params,
-            self.eos_token_ids,
-            self._cache_kwarg,
-            self.softcap,
-            cancel,
+    def start_generation(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
+        """params.n samples continuing prompt_ids, computed by the returned Generation's step() calls (each on
+        the forward thread, like score()); nothing runs here."""
+        return Generation(
+            self.model, self.decode, prompt_ids, params, self.eos_token_ids, self._cache_kwarg, self.softcap
         )
 
     # ---- tokenizer ----------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ class BlackBoxBackend:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
         raise _no_logprobs(self.info.name, "/v1/tokenize")
 
-    def generate(self, prompt_ids, params, cancel):
+    def start_generation(self, prompt_ids, params):
         raise _no_logprobs(self.info.name, "generation from token ids")
 
 

@@ -6,7 +6,8 @@
 
 Prompt scoring (echo with logprobs, prompt_logprobs) goes through engine.score, the same batcher and forward
 as /v1/score, so its logprobs are the ones /v1/score gives for the same tokens. Generation runs on the same
-forward thread (engine.generate), one prompt at a time.
+forward thread (engine.generate), one prompt at a time, one decode step at a time between score batches, and
+at most --max-generation-tokens per sample.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ async def _completions(engine: TeacherEngine, req: oai.CompletionRequest, deadli
         prompt_k = logprobs
     prompts = params.completion_prompts(req, backend)
     params.check_lengths(prompts, max_tokens, n, info, "max_tokens")
+    params.check_generation_tokens("max_tokens", max_tokens, engine.limits.max_generation_tokens)
     sampling = params.sampling_params(req, max_tokens, logprobs or 0, info) if max_tokens else None
 
     top_k = max(prompt_k or 0, logprobs or 0, 1)
@@ -148,12 +150,14 @@ async def _chat(engine: TeacherEngine, req: oai.ChatCompletionRequest, deadline:
         )
     field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    if max_tokens is None:  # as much as fits, like vLLM
+    limit = engine.limits.max_generation_tokens
+    if max_tokens is None:  # as much as fits, like vLLM, up to the server's generation limit
         max_tokens = min(info.max_sequence_len - len(prompt.ids), (info.max_tokens - len(prompt.ids)) // n)
-        max_tokens = max(max_tokens, 1)
+        max_tokens = max(min(max_tokens, limit), 1)
     elif max_tokens < 1:
         raise InvalidRequest(f"{field} = {max_tokens} must be >= 1", field=field)
     params.check_lengths([prompt], max_tokens, n, info, field)
+    params.check_generation_tokens(field, max_tokens, limit)
     top_n = params.top_count("top_logprobs", req.top_logprobs, info)
     if top_n is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs = true", field="top_logprobs")

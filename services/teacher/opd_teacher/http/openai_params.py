@@ -133,19 +133,41 @@ def samples_per_prompt(req: oai.CompletionRequest | oai.ChatCompletionRequest) -
     return n
 
 
+def check_generation_tokens(field: str, max_tokens: int, limit: int) -> None:
+    """max_tokens (per sample) within the server's --max-generation-tokens."""
+    if max_tokens > limit:
+        _refuse(
+            field,
+            f"{field} = {max_tokens} is more than max_generation_tokens = {limit}, the most tokens one sample "
+            "may generate on this server (opd serve-teacher --max-generation-tokens)",
+        )
+
+
+def _float(value: float | int | None, default: float) -> float:
+    """A JSON number as a float; an integer beyond float's range becomes inf (refused by the range checks)."""
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def sampling_params(
     req: oai.CompletionRequest | oai.ChatCompletionRequest, max_tokens: int, logprobs: int, info: ModelInfo
 ) -> SamplingParams:
-    temperature = 1.0 if req.temperature is None else float(req.temperature)
+    """The sampler's parameters; each range is what sample_next can draw from without NaN (NaN and inf are
+    outside every range)."""
+    temperature = _float(req.temperature, 1.0)
     if not (math.isfinite(temperature) and temperature >= 0):
         _refuse("temperature", f"temperature = {req.temperature} must be a finite number >= 0 (0: greedy)")
-    top_p = 1.0 if req.top_p is None else float(req.top_p)
+    top_p = _float(req.top_p, 1.0)
     if not 0 < top_p <= 1:
-        _refuse("top_p", f"top_p = {req.top_p} must be in (0, 1]")
+        _refuse("top_p", f"top_p = {req.top_p} must be in (0, 1] (a tiny top_p keeps the most likely token)")
     top_k = 0 if req.top_k in (None, -1) else req.top_k
     if top_k < 0:
         _refuse("top_k", f"top_k = {req.top_k} must be >= 1, or 0 / -1 for the whole vocabulary")
-    min_p = 0.0 if req.min_p is None else float(req.min_p)
+    min_p = _float(req.min_p, 0.0)
     if not 0 <= min_p <= 1:
         _refuse("min_p", f"min_p = {req.min_p} must be in [0, 1]")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
