@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from opd_client import schema
 from opd_client.scores import ScoreResult
@@ -21,7 +21,7 @@ def make_score_request(
     temperature: float | None = None,
     score_ids: list | None = None,
     model: str | None = None,
-    format: str = "json",
+    format: Literal["json", "binary"] = "json",
     return_hidden: bool = False,
     hidden_dtype: str | None = None,
 ) -> schema.ScoreRequest:

@@ -6,6 +6,7 @@ HTTP and gRPC both go through here, so a field added to the proto is mapped in e
 from __future__ import annotations
 
 import base64
+from typing import cast
 
 import numpy as np
 
@@ -119,7 +120,7 @@ def scores_to_json(
     hidden_dtype: str = "float32",
 ) -> dict:
     """JSON lists, or base64 arrays with `binary`; with 16-bit dtypes the lists hold the rounded values."""
-    out = {}
+    out: dict[str, dict | list | None] = {}
     for key, attr, kind in _SCORE_FIELDS:
         array = getattr(scores, attr)
         if array is None:
@@ -131,14 +132,15 @@ def scores_to_json(
 
 
 def scores_from_json(body: dict) -> SequenceScores:
-    fields = {}
+    fields: dict[str, np.ndarray | None] = {}
     for key, attr, kind in _SCORE_FIELDS:
         value = body.get(key)
         fields[attr] = None if value is None else decode_array(value, _decoded_dtype(kind))
     # An empty completion decodes to shape (0,); keep [T, K] two-dimensional.
     for attr in ("top_ids_T_K", "top_logprobs_T_K", "score_logprobs_T_M"):
-        if fields[attr] is not None and fields[attr].ndim == 1:
-            fields[attr] = fields[attr].reshape(0, 0)
+        array = fields[attr]
+        if array is not None and array.ndim == 1:
+            fields[attr] = array.reshape(0, 0)
     return SequenceScores(**fields)
 
 
@@ -236,7 +238,7 @@ def score_request_to_proto(req: schema.ScoreRequest) -> pb.ScoreRequest:
 
 def score_request_from_proto(msg: pb.ScoreRequest) -> schema.ScoreRequest:
     """The JSON-face request for a gRPC one, so both go through the same validation."""
-    score_ids = None
+    score_ids: list[list[list[int]]] | None = None
     if any(seq.num_score_ids or seq.score_ids for seq in msg.sequences):
         score_ids = []
         for i, seq in enumerate(msg.sequences):
@@ -265,8 +267,9 @@ def score_request_from_proto(msg: pb.ScoreRequest) -> schema.ScoreRequest:
         top_k=msg.top_k,
         temperature=msg.temperature if msg.HasField("temperature") else None,
         score_ids=score_ids,
-        # Empty is proto3's unset string: the default. Anything else is checked by the schema's Literal.
-        logprob_dtype=msg.logprob_dtype or "float32",
+        # Empty is proto3's unset string: the default. Any other string is checked by the schema's Literal
+        # when the model is built (an invalid one is the error naming the field), hence the cast.
+        logprob_dtype=cast(schema.LogprobDtype, msg.logprob_dtype or "float32"),
         return_hidden=msg.return_hidden,
         hidden_dtype=msg.hidden_dtype or None,  # empty: the model's dtype
     )

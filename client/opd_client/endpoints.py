@@ -122,7 +122,8 @@ def _expand(url: str) -> list[str]:
         return [url]
     by_family: dict[int, list[str]] = {}
     for family, *_, sockaddr in infos:
-        literal = f"[{sockaddr[0]}]" if family == socket.AF_INET6 else sockaddr[0]
+        # An IP family's sockaddr starts with the address string (typeshed's str | int covers AF_CAN etc.).
+        literal = f"[{sockaddr[0]}]" if family == socket.AF_INET6 else str(sockaddr[0])
         if literal not in by_family.setdefault(family, []):
             by_family[family].append(literal)
     # Several addresses of one family are replicas (a headless Service); one IPv4 plus one IPv6 address is

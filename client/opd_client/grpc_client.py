@@ -271,7 +271,7 @@ class _StreamFeed:
                     index = self._to_send.popleft() if self._to_send else None
                     if index is None and self._exhausted:
                         return
-                    msg = self._open.get(index)
+                    msg = self._open.get(index) if index is not None else None
                 if msg is None:
                     pulled = self._pull()
                     with self._lock:

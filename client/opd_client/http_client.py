@@ -70,7 +70,7 @@ class HttpTeacherClient:
         return False
 
     def models(self) -> list[schema.ModelInfo]:
-        return wire.models_from_body(self._call(wire.Request("GET", "/v1/models")))
+        return wire.models_from_body(self._call(wire.Request("GET", "/v1/models"), wire.body_or_error))
 
     def tokenize(
         self,
@@ -81,7 +81,7 @@ class HttpTeacherClient:
     ) -> list[int]:
         """Token ids of text, or of chat messages rendered with the teacher's chat template."""
         request = wire.tokenize_request(text, messages, model, add_generation_prompt)
-        return wire.token_ids_from_body(self._call(request))
+        return wire.token_ids_from_body(self._call(request, wire.body_or_error))
 
     def score(
         self,
@@ -145,12 +145,12 @@ class HttpTeacherClient:
     def chunk_score(self, request: schema.ChunkScoreRequest | dict) -> schema.ChunkScoreResponse:
         """Black-box scoring of one student completion (a teacher served with --backend openai): per
         chunk the similarity of the teacher's samples, the smoothed reward and the accepted tokens."""
-        return wire.chunk_scores_from_body(self._call(wire.chunk_score_request(request)))
+        return wire.chunk_scores_from_body(self._call(wire.chunk_score_request(request), wire.body_or_error))
 
     def _call(
         self,
         request: wire.Request,
-        decode: Callable = wire.body_or_error,
+        decode: Callable[..., _T],
         streamed: bool = False,
     ) -> _T:
         """decode(request, response) of the answer, with retries; with `streamed`, decode(url) sends the

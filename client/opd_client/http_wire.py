@@ -67,8 +67,9 @@ def default_headers(api_key: str | None, timeout: float) -> dict[str, str]:
 def tokenize_request(
     text: str | None, messages: list[dict] | None, model: str | None, add_generation_prompt: bool
 ) -> Request:
-    body = schema.TokenizeRequest(
-        model=model, text=text, messages=messages, add_generation_prompt=add_generation_prompt
+    # model_validate: the messages are dicts, which the schema validates into ChatMessages.
+    body = schema.TokenizeRequest.model_validate(
+        {"model": model, "text": text, "messages": messages, "add_generation_prompt": add_generation_prompt}
     ).model_dump(exclude_none=True)
     return Request("POST", "/v1/tokenize", body)
 
@@ -91,7 +92,7 @@ def score_request(
         temperature=temperature,
         score_ids=score_ids,
         model=model,
-        format="json" if protobuf else format,  # the JSON-body format; Accept decides on protobuf
+        format="json" if format == "protobuf" else format,  # the JSON-body format; Accept decides on protobuf
         return_hidden=return_hidden,
         hidden_dtype=hidden_dtype,
     )

@@ -24,6 +24,7 @@ class SequenceScores:
     @property
     def num_tokens(self) -> int:
         rows = self.token_logprobs_T if self.token_logprobs_T is not None else self.hidden_T_D
+        assert rows is not None, "a sequence's scores hold logprobs (top_k > 0), hidden states, or both"
         return int(rows.shape[0])
 
 

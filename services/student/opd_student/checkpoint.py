@@ -115,7 +115,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) ->
             "metadata); it was written by an older opd"
         )
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
-    state = {"model": model_sd, "optim": optim_sd}
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}  # dcp.load fills it in place
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")

@@ -161,7 +161,8 @@ def wrap_student(lm: torch.nn.Module, parallel: str, world: World) -> torch.nn.M
     for layer in layers:
         fully_shard(layer)
     fully_shard(scorer)  # the root: embeddings, final norm, lm_head
-    scorer.generate = _unsharded_generate(scorer)
+    # An instance attribute shadowing the method, on purpose (FSDP calls it by name, below).
+    scorer.generate = _unsharded_generate(scorer)  # type: ignore[method-assign]
     # generate() is not forward(): have FSDP treat it as one, so the root initialises and gathers its own
     # parameters (embeddings, norm, lm_head) around it as it does around a forward.
     register_fsdp_forward_method(scorer, "generate")

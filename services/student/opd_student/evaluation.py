@@ -16,6 +16,7 @@ import argparse
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -100,7 +101,7 @@ def evaluate(
     for rollouts in heldout_rollouts(
         model, tokenizer, factory, prompts, max_new_tokens, seed, batch_size, world
     ):
-        options = {"return_hidden": True} if heads is not None else {}
+        options: dict[str, Any] = {"return_hidden": True} if heads is not None else {}
         scores = link.collect(link.submit(rollouts, EVAL_TOP_K, **options))
         batch = pack(rollouts, tokenizer.pad_token_id)
         teacher = teacher_tensors(scores, batch.mask_B_T.shape[1])
@@ -123,8 +124,10 @@ def evaluate(
             .item()
         )
         if heads is not None:
+            hidden_B_T_D = teacher.hidden_B_T_D
+            assert hidden_B_T_D is not None, "asked with return_hidden"
             for i, r in enumerate(rollouts):  # one row at a time: each rollout's teacher has its own head
-                args = (logprobs_B_T_V[i : i + 1], teacher.hidden_B_T_D[i : i + 1], heads(r.teacher))
+                args = (logprobs_B_T_V[i : i + 1], hidden_B_T_D[i : i + 1], heads(r.teacher))
                 mask_1_T = batch.mask_B_T[i : i + 1]
                 exact_rev_sum += exact_divergence(*args, mask_1_T, "reverse_kl").sum().item()
                 exact_fwd_sum += exact_divergence(*args, mask_1_T, "forward_kl").sum().item()

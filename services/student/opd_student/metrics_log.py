@@ -13,7 +13,10 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # tensorboard is optional: imported when the first record is written
+    from torch.utils.tensorboard import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -30,7 +33,7 @@ class MetricsLog:
         drop_partial_last_line(self.path)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held open for the run)
         self._tensorboard = tensorboard and importlib.util.find_spec("tensorboard") is not None
-        self._writer = None
+        self._writer: SummaryWriter | None = None
         self._purge_step: int | None = None
 
     def log(self, record: dict[str, Any]) -> None:

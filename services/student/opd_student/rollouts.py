@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from opd_client.scores import SequenceScores
 
@@ -129,7 +129,7 @@ class CompletionLogprobs(torch.nn.Module):
     """log q over the vocabulary at completion positions only, as a module: DDP and FSDP2 synchronise
     gradients through the forward of the module they wrap (distributed.py)."""
 
-    def __init__(self, lm: torch.nn.Module) -> None:
+    def __init__(self, lm: PreTrainedModel) -> None:
         super().__init__()
         self.lm = lm
 
@@ -152,8 +152,8 @@ class CompletionLogprobs(torch.nn.Module):
         return self.lm.generate(**kwargs)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP (FSDP2 wraps in place: nothing to unwrap)."""
+def unwrap(model: torch.nn.Module) -> CompletionLogprobs | PreTrainedModel:
+    """The module inside DDP (FSDP2 wraps in place: nothing to unwrap): a CompletionLogprobs or a causal LM."""
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
@@ -180,19 +180,21 @@ class TeacherTensors:
 
 
 def teacher_tensors(scores_B: list[SequenceScores], horizon: int) -> TeacherTensors:
-    B = len(scores_B)
-    K = scores_B[0].top_ids_T_K.shape[1]
+    B, first = len(scores_B), scores_B[0]
+    assert first.top_ids_T_K is not None, "token scores come with top_k > 0"
+    K = first.top_ids_T_K.shape[1]
     token = torch.zeros((B, horizon))
     top_ids = torch.zeros((B, horizon, K), dtype=torch.long)
     top_lp = torch.zeros((B, horizon, K))
     tail = torch.zeros((B, horizon))
-    has_score = scores_B[0].score_logprobs_T_M is not None
-    score = torch.zeros((B, horizon, scores_B[0].score_logprobs_T_M.shape[1])) if has_score else None
+    M = first.score_logprobs_T_M.shape[1] if first.score_logprobs_T_M is not None else None
+    score = torch.zeros((B, horizon, M)) if M is not None else None
     # Teachers of one batch (routing) may differ in hidden size: pad to the largest (zeros beyond a row's D).
     widths = [s.hidden_T_D.shape[1] for s in scores_B if s.hidden_T_D is not None]
     hidden = torch.zeros((B, horizon, max(widths))) if widths else None
     for b, s in enumerate(scores_B):
         T = s.num_tokens
+        assert s.top_ids_T_K is not None, "token scores come with top_k > 0"
         token[b, :T] = torch.from_numpy(s.token_logprobs_T)
         top_ids[b, :T] = torch.from_numpy(s.top_ids_T_K.astype("int64"))
         top_lp[b, :T] = torch.from_numpy(s.top_logprobs_T_K)
@@ -200,5 +202,6 @@ def teacher_tensors(scores_B: list[SequenceScores], horizon: int) -> TeacherTens
         if score is not None:
             score[b, :T] = torch.from_numpy(s.score_logprobs_T_M)
         if hidden is not None:
+            assert s.hidden_T_D is not None, "every teacher of the batch was asked for hidden states"
             hidden[b, :T, : s.hidden_T_D.shape[1]] = torch.from_numpy(s.hidden_T_D)
     return TeacherTensors(token, top_ids, top_lp, tail, score, hidden)

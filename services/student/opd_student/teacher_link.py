@@ -154,7 +154,7 @@ class TeacherLink:
                 for i, s in zip(idx, scores, strict=True):
                     out[i] = s
             if failed is None:
-                return out  # type: ignore[return-value]
+                return out
             waited = time.monotonic() - started
             if waited > self.wait_s:
                 raise TeacherUnreachable(

@@ -56,9 +56,9 @@ class MethodOptions:
         """What the step generated, over all ranks' rollouts."""
         lengths = [len(r.completion_ids) for r in rollouts]
         on_policy = rollouts[0].on_policy if rollouts else True
-        privileged = sum(r.teacher_prefix_ids is not None for r in rollouts)
+        n_privileged = sum(r.teacher_prefix_ids is not None for r in rollouts)
         tokens, privileged, n_rollouts = world.sum(
-            [sum(lengths) if on_policy else 0, privileged, len(rollouts)]
+            [sum(lengths) if on_policy else 0, n_privileged, len(rollouts)]
         )
         return {
             "gen/horizon": horizon,

@@ -67,7 +67,7 @@ class TokenMaskRule:
         if self.regex is None and not spans:
             return keep
         text, offsets = token_char_spans(completion_ids, tokenizer)
-        ranges = list(spans or [])
+        ranges: list[tuple[int, int] | list[int]] = list(spans or [])
         if self.regex is not None:
             ranges += [(m.start(), m.end()) for m in self.regex.finditer(text) if m.end() > m.start()]
         for t, (a, b) in enumerate(offsets):

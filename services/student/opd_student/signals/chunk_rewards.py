@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from opd_client.schema import ChunkScore, ChunkScoreRequest, ChunkScoreResponse, ModelInfo
+from opd_client.schema import ChatMessage, ChunkScore, ChunkScoreRequest, ChunkScoreResponse, ModelInfo
 from opd_student import losses
 from opd_student.config import TrainConfig
 from opd_student.distributed import World
@@ -173,13 +173,19 @@ def token_pieces(tokenizer, ids: list[int]) -> list[str]:
     return pieces
 
 
+def _teacher_messages(rollout: Rollout) -> list[ChatMessage]:
+    """The chat the black-box teacher sees (the rollout factory gives every rollout one)."""
+    assert rollout.teacher_chat is not None, "a black-box teacher's rollout carries its teacher_chat"
+    return [ChatMessage.model_validate(m) for m in rollout.teacher_chat]
+
+
 def chunk_requests(
     cfg: TrainConfig, tokenizer, rollouts: list[Rollout], entropies_R_T: list | None
 ) -> list[ChunkScoreRequest]:
     return [
         ChunkScoreRequest(
             model=r.teacher,
-            messages=r.teacher_chat,
+            messages=_teacher_messages(r),
             completion=token_pieces(tokenizer, r.completion_ids),
             entropies=entropies_R_T[i] if entropies_R_T is not None else None,
             num_chunks=cfg.chunk_num,

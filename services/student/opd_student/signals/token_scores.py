@@ -175,6 +175,7 @@ class TokenStepLoss:
         teacher = teacher_tensors([scores[i] for i in mb.idx], mb.mask_B_T.shape[1])
         score_ids_B_T_K = None
         if self.feedback.score_ids is not None:
+            assert teacher.score_logprobs_B_T_M is not None, "score_ids are answered with their logprobs"
             score_ids_B_T_K = torch.zeros_like(teacher.score_logprobs_B_T_M, dtype=torch.long)
             for b, i in enumerate(mb.idx):
                 score_ids_B_T_K[b, : len(self.feedback.score_ids[i])] = torch.tensor(

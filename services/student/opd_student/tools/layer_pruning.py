@@ -14,9 +14,13 @@ import copy
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # the models come in built; this module needs no transformers import of its own
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class HeldOut:
         return (self.attention_mask_B_L.cumsum(-1) - 1).clamp(min=0)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     """The decoder layer list of a Llama-family causal LM (`model.model.layers`)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -42,7 +46,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _set_layer_view(model: nn.Module, layers: nn.ModuleList, layer_types: list | None) -> None:
+def _set_layer_view(model: PreTrainedModel, layers: nn.ModuleList, layer_types: list | None) -> None:
     """Point the model at `layers`, numbering their attention modules 0.. for the KV cache."""
     model.model.layers = layers
     for new_idx, layer in enumerate(layers):
@@ -55,7 +59,7 @@ def _set_layer_view(model: nn.Module, layers: nn.ModuleList, layer_types: list |
 
 
 @contextlib.contextmanager
-def kept_layers_view(model: nn.Module, kept: list[int]) -> Iterator[nn.Module]:
+def kept_layers_view(model: PreTrainedModel, kept: list[int]) -> Iterator[PreTrainedModel]:
     """Temporarily run `model` with only the layers at indices `kept` (of its current list)."""
     full = decoder_layers(model)
     full_types = getattr(model.config, "layer_types", None)
@@ -69,7 +73,7 @@ def kept_layers_view(model: nn.Module, kept: list[int]) -> Iterator[nn.Module]:
         model.config.num_hidden_layers = full_count
 
 
-def build_pruned_model(teacher: nn.Module, kept: list[int]) -> nn.Module:
+def build_pruned_model(teacher: PreTrainedModel, kept: list[int]) -> PreTrainedModel:
     """A fresh model with `len(kept)` layers whose weights are copied from the teacher's kept layers."""
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(kept)
@@ -95,7 +99,7 @@ def build_pruned_model(teacher: nn.Module, kept: list[int]) -> nn.Module:
 class HarmMeter:
     """KL(teacher ‖ model with some layers removed) on one held-out batch; the teacher side is cached."""
 
-    def __init__(self, model: nn.Module, held_out: HeldOut):
+    def __init__(self, model: PreTrainedModel, held_out: HeldOut):
         self.model = model.eval()
         self.head = model.get_output_embeddings()
         self.n_layers = len(decoder_layers(model))

@@ -254,13 +254,10 @@ def analyze(before: Path, after: Path, threshold: float = DEFAULT_THRESHOLD) -> 
         s, facts = compare_parameter(before_files[name], after_files[name], name, threshold)
         layer, kind = layer_index(name), module_type(name)
         layer_key = NO_LAYER if layer is None else str(layer)
-        for groups, key in (
-            (by_type, kind),
-            (by_layer, layer_key),
-            (by_cell, (layer_key, kind)),
-            (by_module, module_name(name)),
-        ):
-            groups.setdefault(key, Stats()).add(s)
+        by_type.setdefault(kind, Stats()).add(s)
+        by_layer.setdefault(layer_key, Stats()).add(s)
+        by_cell.setdefault((layer_key, kind), Stats()).add(s)
+        by_module.setdefault(module_name(name), Stats()).add(s)
         total.add(s)
         params.append({"name": name} | facts | {"layer": layer, "type": kind} | s.as_dict())
     return {
