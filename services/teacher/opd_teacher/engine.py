@@ -169,10 +169,11 @@ class TeacherEngine:
 
     async def chunk_score(self, req: schema.ChunkScoreRequest) -> schema.ChunkScoreResponse:
         """Black-box scoring (opd_teacher.blackbox.chunk_scorer): the teacher's API is called, not the forward thread."""
+        from opd_teacher.blackbox.backend import BlackBoxBackend
         from opd_teacher.blackbox.chunk_scorer import chunk_score
 
         backend = self.backend(req.model)
-        if not backend.info.black_box:
+        if not isinstance(backend, BlackBoxBackend):  # the one backend whose info says black_box
             raise InvalidRequest(
                 f"teacher {backend.info.name!r} is white-box: score it with POST /v1/score; chunk scoring "
                 "needs a teacher served with --backend openai",
@@ -194,6 +195,7 @@ class TeacherEngine:
                 raise InvalidRequest(str(e), field="messages") from e
             ids = backend.tokenize_text(text, add_special_tokens=False)
         else:
+            assert req.text is not None, "exactly one of text and messages (checked above)"
             text = req.text
             ids = backend.tokenize_text(text, add_special_tokens=req.add_special_tokens)
         return schema.TokenizeResponse(model=backend.info.name, token_ids=ids, text=text)

@@ -110,7 +110,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         started = time.perf_counter()
         try:
             backend = self.engine.backend(request.model or None)
-            export = getattr(backend, "head", None)
+            export = backend.head
             if export is None:
                 raise NotFound(
                     f"teacher {backend.info.name!r} serves no output head (black-box, or its logits are "
@@ -121,6 +121,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             err = _as_opd_error(e, "GetHead")
             _observe("GetHead", err.grpc_code, started)
             await context.abort(_status_code(err), err.message, trailing_metadata=_trailing_metadata(err))
+            return  # abort() raises; this says so to the type checker (grpc is untyped)
         name, total = backend.info.name, len(export.data)
         for offset, data in export.chunks(HEAD_CHUNK_BYTES):
             yield pb.HeadChunk(model=name, sha256=export.sha256, total_bytes=total, offset=offset, data=data)

@@ -118,7 +118,7 @@ async def _load(engine: TeacherEngine, loaders: dict[str, Callable[[], Backend]]
     for name, load in loaders.items():
         started = time.perf_counter()
         backend = await asyncio.to_thread(load)
-        await asyncio.to_thread(_warm_up, backend)
+        await asyncio.to_thread(backend.warm_up)  # before it takes requests
         engine.add_backend(name, backend)
         info = backend.info
         log.info(
@@ -132,14 +132,3 @@ async def _load(engine: TeacherEngine, loaders: dict[str, Callable[[], Backend]]
         )
     engine.loaded = True
     log.info("ready")
-
-
-def _warm_up(backend: Backend) -> None:
-    """One small forward, so the first real request does not pay for lazy initialisation (a black-box
-    backend instead checks that its API answers and loads its embedding model)."""
-    from opd_teacher.backends.base import ScoreItem
-
-    if getattr(backend.info, "black_box", False):
-        backend.warm_up()
-        return
-    backend.score([ScoreItem(context_ids=[0, 1], completion_ids=[2, 3])], top_k=1, temperature=1.0)

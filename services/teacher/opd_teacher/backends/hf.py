@@ -133,6 +133,10 @@ class HFBackend:
         self.last_forward_tokens = 0
         self.last_forward_tokens_I: list[int] = []
 
+    def warm_up(self) -> None:
+        """One small forward, so the first real request does not pay for lazy initialisation."""
+        self.score([ScoreItem(context_ids=[0, 1], completion_ids=[2, 3])], top_k=1, temperature=1.0)
+
     # ---- scoring ------------------------------------------------------------------------------------
 
     def score(
@@ -236,6 +240,7 @@ class HFBackend:
 
     def _run_on_prefix(self, prefix: Prefix, inputs: list[list[int]], length: int) -> torch.Tensor:
         """Hidden states [B, length, H] of right-padded completions that continue the prompt in `prefix`."""
+        assert self._cache_kwarg is not None, "prefix reuse is on only for a forward that takes a cache"
         prompt_len = prefix.length
         input_ids_B_L = torch.full((len(inputs), length), self.pad_token_id, dtype=torch.long)
         attention_mask_B_PL = torch.zeros((len(inputs), prompt_len + length), dtype=torch.long)
@@ -304,13 +309,17 @@ class HFBackend:
                 (got.token_logprobs_T, want.token_logprobs_T),
                 (got.top_logprobs_T_K, want.top_logprobs_T_K),
             ):
+                assert a is not None and b is not None, "scored with top_k = 4"
                 diff = max(diff, float(np.max(np.abs(a - b))))
         tolerance = 1e-3 if self.dtype == torch.float32 else 0.1  # 16-bit forwards differ by their rounding
         return None if diff <= tolerance else f"it differs from the full forward by {diff:.3g} nats"
 
     def _teacher_context(self, item: ScoreItem) -> list[int]:
         # With no context, the first completion token is scored after BOS (validation ensures one exists).
-        return list(item.context_ids) or [self.bos_token_id]
+        if item.context_ids:
+            return list(item.context_ids)
+        assert self.bos_token_id is not None, "validation refuses an empty context without a BOS token"
+        return [self.bos_token_id]
 
     def _teacher_ids(self, item: ScoreItem) -> list[int]:
         return self._teacher_context(item) + list(item.completion_ids)

@@ -18,11 +18,18 @@ It has no logits to give: `/v1/score` and `/v1/tokenize` are refused with a mess
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from opd_client.errors import InvalidRequest
 from opd_client.schema import ModelInfo
 from opd_teacher.blackbox.api_client import ApiLimits, OpenAIChatAPI
 from opd_teacher.blackbox.similarity import Embedder
+
+if TYPE_CHECKING:  # only the Backend protocol's signatures: nothing of them runs here
+    from opd_client.scores import SequenceScores
+    from opd_teacher.backends.base import ScoreItem
+    from opd_teacher.backends.generate import Generation, SamplingParams
+    from opd_teacher.backends.head import HeadExport
 
 PREFILL_MODES = ("instruct", "assistant", "continue")
 INSTRUCT_TEMPLATE = "{question}\n\nComplete the answer: {prefix}"
@@ -33,6 +40,7 @@ class BlackBoxBackend:
 
     bos_token_id: int | None = None  # the Backend protocol's attributes (no tokenizer, no forwards here)
     last_forward_tokens: int = 0
+    head: HeadExport | None = None
 
     def __init__(
         self,
@@ -101,7 +109,9 @@ class BlackBoxBackend:
 
     # ---- what a white-box backend offers, refused with directions --------------------------------------
 
-    def score(self, items, top_k, temperature, ranks: bool = False):
+    def score(
+        self, items: list[ScoreItem], top_k: int, temperature: float, ranks: bool = False
+    ) -> list[SequenceScores]:
         raise _no_logprobs(self.info.name, "/v1/score")
 
     def tokenize_text(self, text: str, add_special_tokens: bool) -> list[int]:
@@ -110,8 +120,14 @@ class BlackBoxBackend:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
         raise _no_logprobs(self.info.name, "/v1/tokenize")
 
-    def start_generation(self, prompt_ids, params):
+    def start_generation(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
         raise _no_logprobs(self.info.name, "generation from token ids")
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        raise _no_logprobs(self.info.name, "token ids")
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        raise _no_logprobs(self.info.name, "token ids")
 
 
 def _no_logprobs(name: str, what: str) -> InvalidRequest:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
@@ -12,7 +13,7 @@ from opd_client.errors import NotFound
 from opd_teacher.engine import TeacherEngine
 
 SAFETENSORS = "application/octet-stream"
-_ERRORS = {status: {"model": schema.ErrorBody} for status in (401, 404, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": schema.ErrorBody} for status in (401, 404, 503)}
 _OK = {
     "description": "The safetensors file: tensor `weight` [V, D] in the model's dtype, and `bias` [V] if the "
     "model's head has one. Its sha256 is the model's `head_sha256` in /v1/models (also the ETag)",
@@ -36,7 +37,7 @@ def head_router(engine: TeacherEngine) -> APIRouter:
         Streamed in 4 MiB chunks with Content-Length; the ETag is the quoted sha256, so a client that
         caches by it can send If-None-Match and get 304.
         """
-        export = getattr(engine.backend(name), "head", None)
+        export = engine.backend(name).head
         if export is None:
             raise NotFound(
                 f"teacher {name!r} serves no output head (black-box, or its logits are not the head formula: "
