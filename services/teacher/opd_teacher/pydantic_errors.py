@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from opd_client.errors import ValidationFailed
 
 # pydantic's markers for the branch of a union that failed, not fields a user would recognise
@@ -21,9 +24,10 @@ def field_path(loc: tuple) -> str:
     return out
 
 
-def validation_failed(errors: list[dict]) -> ValidationFailed:
-    """The first problem with its field and the offending value, and how many more there are."""
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+def validation_failed(errors: Sequence[Mapping[str, Any]]) -> ValidationFailed:
+    """The first problem with its field and the offending value, and how many more there are (pydantic's
+    ErrorDetails, or FastAPI's RequestValidationError.errors())."""
+    first: Mapping[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     field = field_path(tuple(first.get("loc", ())))
     got = "" if first.get("type") == "missing" else f" (got {str(first.get('input'))[:60]!r})"
     more = f"; and {len(errors) - 1} more problem(s)" if len(errors) > 1 else ""

@@ -69,6 +69,7 @@ def validate_score_request(
         items = [dataclasses.replace(item, return_hidden=True) for item in items]
         scored = sum(len(item.completion_ids) for item in items)
         itemsize = 4 if hidden_dtype(req, info) == "float32" else 2
+        assert info.hidden_size is not None, "_check_hidden refuses a teacher without hidden states"
         size = scored * info.hidden_size * itemsize
         if size > MAX_HIDDEN_BYTES:
             raise TooManyTokens(

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from opd_teacher.backends.topk import logprobs_of
+
+if TYPE_CHECKING:  # hf.py loads the model; this module only runs it
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class Generation:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         decode: Callable[[list[int], bool], str],
         prompt_ids: list[int],
         params: SamplingParams,
@@ -109,7 +113,7 @@ class Generation:
 
 
 def generate(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     decode: Callable[[list[int], bool], str],
     prompt_ids: list[int],
     params: SamplingParams,
@@ -127,9 +131,9 @@ def generate(
 class _Stepper:
     """Runs the decoder: the prompt once, then one token per sample and step on the KV cache."""
 
-    def __init__(self, model: torch.nn.Module, cache_kwarg: str | None, device: torch.device):
+    def __init__(self, model: PreTrainedModel, cache_kwarg: str | None, device: torch.device):
         self.model, self.cache_kwarg, self.device = model, cache_kwarg, device
-        self.cache = None
+        self.cache: Any = None  # the model's KV cache (a transformers Cache), None before prefill
         self.ids_N_L: torch.Tensor | None = None  # the whole sequences, for models that take no cache
 
     def prefill(self, prompt_ids: list[int], n: int) -> torch.Tensor:
@@ -151,6 +155,7 @@ class _Stepper:
     def next(self, next_N: torch.Tensor) -> torch.Tensor:
         next_N_1 = next_N[:, None].to(self.device)
         if self.cache_kwarg is None:
+            assert self.ids_N_L is not None, "prefill() comes first"
             self.ids_N_L = torch.cat([self.ids_N_L, next_N_1], dim=1)
             return self.model.base_model(input_ids=self.ids_N_L).last_hidden_state[:, -1]
         out = self.model.base_model(input_ids=next_N_1, use_cache=True, **{self.cache_kwarg: self.cache})

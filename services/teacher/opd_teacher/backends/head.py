@@ -21,11 +21,15 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save
 
 from opd_client.head import finish_logits
+
+if TYPE_CHECKING:  # hf.py loads the model; this module only reads it
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ def softcap_of(config) -> float | None:
     return float(cap) if cap else None
 
 
-def export_head(model: torch.nn.Module, probe_ids: list[int]) -> tuple[HeadExport | None, str | None]:
+def export_head(model: PreTrainedModel, probe_ids: list[int]) -> tuple[HeadExport | None, str | None]:
     """(the head, None), or (None, why not) when the formula does not give this model's logits on probe_ids."""
     lm_head = model.get_output_embeddings()
     weight = getattr(lm_head, "weight", None)
@@ -92,7 +96,7 @@ def export_head(model: torch.nn.Module, probe_ids: list[int]) -> tuple[HeadExpor
 
 @torch.inference_mode()
 def check_formula(
-    model: torch.nn.Module, scale: float, cap: float | None, probe_ids: list[int]
+    model: PreTrainedModel, scale: float, cap: float | None, probe_ids: list[int]
 ) -> str | None:
     """None if finish_logits(head(base_model(ids).last_hidden_state)) equals model(ids).logits, else why not.
 

@@ -40,7 +40,8 @@ def split_scores(
     if out is None:  # top_k = 0: hidden states only, no logprobs were computed
         return [SequenceScores(None, None, None, None, hidden_T_D=h) for h in hidden]
     arrays = {k: v.numpy() for k, v in out.items()}
-    results, start = [], 0
+    results: list[SequenceScores] = []
+    start = 0
     for item, hidden_T_D in zip(items, hidden, strict=True):
         rows = slice(start, start + len(item.completion_ids))
         score_lp = None

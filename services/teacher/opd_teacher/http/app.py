@@ -6,7 +6,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -22,7 +22,7 @@ from opd_teacher.http.errors import ClientGone, install_error_handlers
 from opd_teacher.http.head import head_router
 from opd_teacher.http.openai_compat import openai_router
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {  # FastAPI's type for `responses`
     400: {"model": schema.ErrorBody},
     401: {"model": schema.ErrorBody},
     404: {"model": schema.ErrorBody},

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
 
 from opd_client import schema
 from opd_teacher.engine import TeacherEngine
 
-_ERRORS = {status: {"model": schema.ErrorBody} for status in (400, 401, 404, 413, 422, 429, 502, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": schema.ErrorBody} for status in (400, 401, 404, 413, 422, 429, 502, 503)
+}
 
 
 def chunk_score_router(engine: TeacherEngine, until_disconnect: Callable) -> APIRouter:

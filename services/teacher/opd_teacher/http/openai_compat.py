@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -27,7 +28,9 @@ from opd_teacher.http import openai_params as params
 from opd_teacher.http import openai_shape as shape
 from opd_teacher.http.openai_params import Prompt
 
-_ERRORS = {status: {"model": schema.ErrorBody} for status in (400, 401, 404, 413, 422, 429, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": schema.ErrorBody} for status in (400, 401, 404, 413, 422, 429, 503)
+}
 
 
 def openai_router(engine: TeacherEngine, until_disconnect, deadline_from) -> APIRouter:
@@ -98,15 +101,18 @@ async def _completions(engine: TeacherEngine, req: oai.CompletionRequest, deadli
     samples = await _generate(engine, info.name, prompts, sampling, n)
 
     text = shape.TokenText(backend, as_ids=bool(req.return_tokens_as_token_ids))
-    choices = []
+    choices: list[dict] = []
     for i, prompt in enumerate(prompts):
         rows = shape.prompt_rows(prompt.ids, scored[i]) if scored is not None else None
-        prompt_lps = None if rows is None else shape.prompt_logprobs(rows, prompt_k, text)
+        prompt_lps = None if rows is None or prompt_k is None else shape.prompt_logprobs(rows, prompt_k, text)
         for sample in samples[i]:
             choice: dict = {"index": len(choices), "text": (prompt.text if echo else "") + sample.text}
             if logprobs is not None:
                 gen = shape.sample_rows(sample)
-                choice["logprobs"] = shape.completion_logprobs(rows + gen if echo else gen, logprobs, text)
+                if echo:
+                    assert rows is not None, "echo with logprobs scores the prompt (prompt_k = logprobs)"
+                    gen = rows + gen
+                choice["logprobs"] = shape.completion_logprobs(gen, logprobs, text)
             else:
                 choice["logprobs"] = None
             choice["finish_reason"] = sample.finish_reason
@@ -170,7 +176,7 @@ async def _chat(engine: TeacherEngine, req: oai.ChatCompletionRequest, deadline:
     (samples,) = await _generate(engine, info.name, [prompt], sampling, n)
 
     text = shape.TokenText(backend, as_ids=bool(req.return_tokens_as_token_ids))
-    choices = []
+    choices: list[dict] = []
     for sample in samples:
         choice = {
             "index": len(choices),
@@ -195,6 +201,7 @@ async def _chat(engine: TeacherEngine, req: oai.ChatCompletionRequest, deadline:
         "prompt_logprobs": None,
     }
     if scored is not None:
+        assert prompt_k is not None, "the prompt is scored for prompt_logprobs only"
         body["prompt_logprobs"] = shape.prompt_logprobs(
             shape.prompt_rows(prompt.ids, scored[0]), prompt_k, text
         )

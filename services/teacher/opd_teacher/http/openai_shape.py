@@ -97,7 +97,7 @@ def completion_logprobs(rows: Rows, top_n: int, text: TokenText) -> dict:
     for t, token in enumerate(tokens):
         lp = rows.logprobs[t]
         token_logprobs.append(None if lp is None else clamp(lp))
-        top_logprobs.append(None if lp is None else _top_dict(rows, t, top_n, token, text))
+        top_logprobs.append(None if lp is None else _top_dict(rows, t, top_n, token, lp, text))
         text_offset.append(offset)
         offset += len(token)
     return {
@@ -108,11 +108,13 @@ def completion_logprobs(rows: Rows, top_n: int, text: TokenText) -> dict:
     }
 
 
-def _top_dict(rows: Rows, t: int, top_n: int, token: str, text: TokenText) -> dict[str, float]:
+def _top_dict(
+    rows: Rows, t: int, top_n: int, token: str, token_logprob: float, text: TokenText
+) -> dict[str, float]:
     out: dict[str, float] = {}
     for token_id, lp in zip(rows.top_ids[t][:top_n], rows.top_logprobs[t][:top_n], strict=True):
         out.setdefault(text(token_id), clamp(lp))
-    out.setdefault(token, clamp(rows.logprobs[t]))
+    out.setdefault(token, clamp(token_logprob))
     return out
 
 
@@ -121,10 +123,11 @@ def prompt_logprobs(rows: Rows, k: int, text: TokenText) -> list[dict | None]:
     text.load(rows.all_ids(k))
     out: list[dict | None] = []
     for t, token_id in enumerate(rows.token_ids):
-        if rows.logprobs[t] is None:
+        token_logprob = rows.logprobs[t]
+        if token_logprob is None:
             out.append(None)
             continue
-        entry = {str(token_id): _logprob(rows.logprobs[t], rows.ranks[t], text.decoded(token_id))}
+        entry = {str(token_id): _logprob(token_logprob, rows.ranks[t], text.decoded(token_id))}
         top = rows.top_logprobs[t][:k]
         rank = 0
         for j, (top_id, lp) in enumerate(zip(rows.top_ids[t][:k], top, strict=True)):
@@ -148,7 +151,9 @@ def chat_logprobs(rows: Rows, top_n: int, text: TokenText) -> dict:
             _chat_entry(text(i), lp)
             for i, lp in zip(rows.top_ids[t][:top_n], rows.top_logprobs[t][:top_n], strict=True)
         ]
-        content.append({**_chat_entry(text(token_id), rows.logprobs[t]), "top_logprobs": top})
+        token_logprob = rows.logprobs[t]
+        assert token_logprob is not None, "every generated token has its logprob"
+        content.append({**_chat_entry(text(token_id), token_logprob), "top_logprobs": top})
     return {"content": content, "refusal": None}
 
 
