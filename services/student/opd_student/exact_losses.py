@@ -55,7 +55,7 @@ def exact_divergence(
     lq_N_V = student_logprobs_B_T_V.reshape(B * T, V)
     # [..., :D]: a batch of several teachers is padded to the largest hidden size
     h_N_D = teacher_hidden_B_T_D[..., : head.hidden_size].reshape(B * T, head.hidden_size)
-    valid_N = mask_B_T.reshape(B * T) > 0
+    valid_N = mask_B_T.reshape(B * T).to(student_logprobs_B_T_V.device) > 0
     parts = []
     # torch.split: one backward node concatenates the blocks' gradients (slicing would make one
     # full-size gradient per block).
