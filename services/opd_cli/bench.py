@@ -6,7 +6,7 @@ from __future__ import annotations
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmarks (results in docs/benchmarks.md)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    from opd_bench import memory, scale, serve, train_memory
+    from opd_bench import generation_latency, memory, scale, serve, train_memory
     from opd_bench.compare import runner as compare
 
     memory.register(bench)
@@ -14,3 +14,4 @@ def register(subparsers) -> None:
     compare.register(bench)
     scale.register(bench)
     train_memory.register(bench)
+    generation_latency.register(bench)
