@@ -222,6 +222,7 @@ def test_resolve_student(made, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the greedy search: ~100 s idle, several times that on busy shared cores
 def test_default_student_is_made_once_and_reported(tmp_path, monkeypatch):
     """The real default: 30 → 20 layers of the embedded teacher, in a fresh cache (teacher conversion reused)."""
     from opd_common.embedded import embedded_teacher_dir
@@ -241,7 +242,7 @@ def test_default_student_is_made_once_and_reported(tmp_path, monkeypatch):
     assert len(record["kept_layers"]) == 20 and record["teacher_layers"] == 30
     assert 0 < record["final_kl"] < 3.0  # measured 1.94; every third layer removed: 8.7
     assert ms.resolve_student("default") == path
-    started = time.perf_counter()
+    # cached: a second call makes nothing (counted, not timed)
+    monkeypatch.setattr(ms, "make_student", lambda *a, **k: pytest.fail("made the default student twice"))
     assert ms.default_student_dir() == path
-    assert time.perf_counter() - started < 1.0  # cached: no second creation
     assert not (path.parent / (path.name + ".tmp")).exists()
