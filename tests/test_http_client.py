@@ -234,7 +234,9 @@ def test_silent_server_times_out_then_gives_up(kind: str, caplog: pytest.LogCapt
     assert "no answer within 0.3 s" in str(info.value) and "after 3 attempts" in str(info.value)
     assert isinstance(info.value.__cause__, Exception) and "Timeout" in type(info.value.__cause__).__name__
     assert len(server.arrivals) == 3
-    assert 0.9 <= elapsed < 2.5  # three 0.3 s timeouts plus 0.05 + 0.1 s of backoff, not the 3 s hang
+    # three 0.3 s timeouts plus 0.05 + 0.1 s of backoff at least; that it gave up rather than waited out
+    # the 3 s hang is asserted by the three arrivals and the "no answer within 0.3 s" message, not a clock
+    assert elapsed >= 0.9
     warnings = retry_warnings(caplog)
     assert len(warnings) == 2 and all("ReadTimeout" in w for w in warnings), warnings
 
