@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from opd_client.head import TeacherHead
-from opd_student.exact_losses import exact_divergence
+from opd_student.exact_losses import block_positions_for, exact_divergence, exact_kls, rows_by_teacher
 
 B, T, V, D = 3, 5, 97, 8
 TOL = 1e-5
@@ -145,3 +145,26 @@ def test_kl_of_a_distribution_with_itself_is_zero():
         got = exact_divergence(lp, hidden, head, mask, kind)
         assert got.abs().max() < 1e-5, kind
     assert math.isfinite(float(got.sum()))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_evaluations_two_kls_in_one_pass_equal_the_direct_computation(temperature):
+    head = make_head(bias=True, logit_scale=0.5)
+    logits, hidden, mask = batch()
+    lq = torch.log_softmax(logits.detach().float(), -1)
+    reverse, forward = exact_kls(lq, hidden, head, mask, temperature, block_positions=4)
+    for kind, got in (("reverse_kl", reverse), ("forward_kl", forward)):
+        want = direct(torch.log_softmax(logits.detach(), -1), hidden, head, mask, kind, 0.5, temperature)
+        assert torch.allclose(got.double(), want, atol=TOL, rtol=0), kind
+    assert not torch.allclose(reverse, forward, atol=1e-2)  # the two directions really differ here
+
+
+def test_rows_by_teacher_groups_each_teachers_rows_in_order():
+    assert rows_by_teacher([None, None]) == [(None, None)]
+    groups = rows_by_teacher(["a", "b", "a", None])
+    assert [(name, rows.tolist()) for name, rows in groups] == [("a", [0, 2]), ("b", [1]), (None, [3])]
+
+
+def test_a_block_holds_at_most_2_to_the_22_elements_at_any_vocabulary():
+    assert block_positions_for(49_152) == 85 and block_positions_for(151_936) == 27
+    assert block_positions_for(10**8) == 1 and block_positions_for(V) * V <= 1 << 22

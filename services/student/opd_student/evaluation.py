@@ -23,7 +23,7 @@ import torch
 from opd_client.head import TeacherHead
 from opd_student import losses
 from opd_student.distributed import SINGLE, World
-from opd_student.exact_losses import exact_divergence
+from opd_student.exact_losses import exact_kls, rows_by_teacher
 from opd_student.prompts import Prompt, load_prompts
 from opd_student.rollout_factory import RolloutFactory
 from opd_student.rollouts import (
@@ -126,11 +126,14 @@ def evaluate(
         if heads is not None:
             hidden_B_T_D = teacher.hidden_B_T_D
             assert hidden_B_T_D is not None, "asked with return_hidden"
-            for i, r in enumerate(rollouts):  # one row at a time: each rollout's teacher has its own head
-                args = (logprobs_B_T_V[i : i + 1], hidden_B_T_D[i : i + 1], heads(r.teacher))
-                mask_1_T = batch.mask_B_T[i : i + 1]
-                exact_rev_sum += exact_divergence(*args, mask_1_T, "reverse_kl").sum().item()
-                exact_fwd_sum += exact_divergence(*args, mask_1_T, "forward_kl").sum().item()
+            teachers_B = [r.teacher for r in rollouts]
+            for name, rows in rows_by_teacher(teachers_B):  # each teacher's rows against its own head
+                sel = slice(None) if rows is None else rows
+                reverse_B_T, forward_B_T = exact_kls(
+                    logprobs_B_T_V[sel], hidden_B_T_D[sel], heads(name), batch.mask_B_T[sel]
+                )
+                exact_rev_sum += reverse_B_T.sum().item()
+                exact_fwd_sum += forward_B_T.sum().item()
         tokens += batch.num_tokens
     rev_sum, fwd_sum, exact_rev_sum, exact_fwd_sum, tokens = world.sum(
         [rev_sum, fwd_sum, exact_rev_sum, exact_fwd_sum, tokens]

@@ -20,6 +20,7 @@ Otherwise (one model pads its vocabulary further than the other) both are cut to
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -30,7 +31,15 @@ from opd_client.head import TeacherHead, logits_from_hidden
 
 Divergence = Literal["reverse_kl", "forward_kl", "jsd"]
 
-BLOCK_POSITIONS = 128  # positions whose teacher distribution is materialised at once
+# Elements of one [positions, V] block of teacher (or student) log-probabilities: 2^22 fp32 = 16 MiB, so a
+# block's handful of temporaries stays well under the head's size at any vocabulary (85 positions at V = 49k,
+# 27 at 152k).
+BLOCK_ELEMENTS = 1 << 22
+
+
+def block_positions_for(vocab_size: int) -> int:
+    """Positions whose teacher distribution is materialised at once."""
+    return max(1, BLOCK_ELEMENTS // vocab_size)
 
 
 def exact_divergence(
@@ -41,46 +50,110 @@ def exact_divergence(
     kind: Divergence = "reverse_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
-    block_positions: int = BLOCK_POSITIONS,
+    block_positions: int | None = None,
 ) -> Tensor:
     """Per-token divergence [B, T] (0 at padding) between the student's log q [B, T, V] and the teacher
     distribution of hidden states [B, T, D] under `head`, computed block by block over positions."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    B, T, V = student_logprobs_B_T_V.shape
-    vocab = shared_vocab(V, head)
-    head_dev = head.weight_V_D.device
-    lq_N_V = student_logprobs_B_T_V.reshape(B * T, V)
-    # [..., :D]: a batch of several teachers is padded to the largest hidden size
-    h_N_D = teacher_hidden_B_T_D[..., : head.hidden_size].reshape(B * T, head.hidden_size)
-    valid_N = mask_B_T.reshape(B * T).to(student_logprobs_B_T_V.device) > 0
+    blocks = _Blocks(
+        student_logprobs_B_T_V, teacher_hidden_B_T_D, head, mask_B_T, temperature, block_positions
+    )
     parts = []
-    # torch.split: one backward node concatenates the blocks' gradients (slicing would make one
-    # full-size gradient per block).
-    for lq_n_V, h_n_D, valid_n in zip(
-        torch.split(lq_N_V, block_positions),
-        torch.split(h_N_D, block_positions),
-        torch.split(valid_N, block_positions),
-        strict=True,
-    ):
-        if not bool(valid_n.any()):
+    for lq_n_V, h_n_D in blocks:
+        if h_n_D is None:
             parts.append(lq_n_V.new_zeros(lq_n_V.shape[0]))
             continue
-        h_n_D = h_n_D.to(head_dev)
 
         def block(lq: Tensor, h: Tensor = h_n_D) -> Tensor:
-            lq = _student_logprobs(lq, vocab, temperature)
-            lp = teacher_logprobs(h, head, vocab, temperature).to(lq.device, lq.dtype)
+            lq, lp = blocks.logprobs(lq, h)
             return _divergence(lq, lp, kind, beta)
 
         if lq_n_V.requires_grad and torch.is_grad_enabled():
             parts.append(checkpoint(block, lq_n_V, use_reentrant=False))
         else:
             parts.append(block(lq_n_V))
-    per_token_N = torch.cat(parts)
-    return torch.where(valid_N, per_token_N, torch.zeros_like(per_token_N)).reshape(B, T)
+    return blocks.per_token(parts)
+
+
+@torch.no_grad()
+def exact_kls(
+    student_logprobs_B_T_V: Tensor,
+    teacher_hidden_B_T_D: Tensor,
+    head: TeacherHead,
+    mask_B_T: Tensor,
+    temperature: float = 1.0,
+    block_positions: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Reverse KL(q‖p) and forward KL(p‖q) per token, [B, T] each, from one teacher log-softmax per block
+    (evaluation: no gradient)."""
+    blocks = _Blocks(
+        student_logprobs_B_T_V, teacher_hidden_B_T_D, head, mask_B_T, temperature, block_positions
+    )
+    reverse, forward = [], []
+    for lq_n_V, h_n_D in blocks:
+        if h_n_D is None:
+            reverse.append(lq_n_V.new_zeros(lq_n_V.shape[0]))
+            forward.append(reverse[-1])
+            continue
+        lq, lp = blocks.logprobs(lq_n_V, h_n_D)
+        reverse.append(_kl(lq, lp))
+        forward.append(_kl(lp, lq))
+    return blocks.per_token(reverse), blocks.per_token(forward)
+
+
+def rows_by_teacher(teachers_B: list[str | None]) -> list[tuple[str | None, Tensor | None]]:
+    """(teacher name, its rows) for each teacher in a batch; rows None when one teacher has them all."""
+    names = list(dict.fromkeys(teachers_B))
+    if len(names) == 1:
+        return [(names[0], None)]
+    return [(name, torch.tensor([b for b, n in enumerate(teachers_B) if n == name])) for name in names]
+
+
+class _Blocks:
+    """A batch flattened to N = B·T positions and cut into blocks: (student log q [n, V], teacher hidden
+    [n, D] on the head's device, or None for a block of padding only)."""
+
+    def __init__(
+        self,
+        student_logprobs_B_T_V: Tensor,
+        teacher_hidden_B_T_D: Tensor,
+        head: TeacherHead,
+        mask_B_T: Tensor,
+        temperature: float,
+        block_positions: int | None,
+    ) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        B, T, V = student_logprobs_B_T_V.shape
+        self.shape, self.head, self.temperature = (B, T), head, temperature
+        self.vocab = shared_vocab(V, head)
+        self.lq_N_V = student_logprobs_B_T_V.reshape(B * T, V)
+        # [..., :D]: a batch of several teachers is padded to the largest hidden size
+        self.h_N_D = teacher_hidden_B_T_D[..., : head.hidden_size].reshape(B * T, head.hidden_size)
+        self.valid_N = mask_B_T.reshape(B * T).to(student_logprobs_B_T_V.device) > 0
+        self.n = block_positions or block_positions_for(max(V, head.vocab_size))
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor | None]]:
+        # torch.split: one backward node concatenates the blocks' gradients (slicing would make one
+        # full-size gradient per block).
+        for lq_n_V, h_n_D, valid_n in zip(
+            torch.split(self.lq_N_V, self.n),
+            torch.split(self.h_N_D, self.n),
+            torch.split(self.valid_N, self.n),
+            strict=True,
+        ):
+            yield lq_n_V, (h_n_D.to(self.head.weight_V_D.device) if bool(valid_n.any()) else None)
+
+    def logprobs(self, lq_n_V: Tensor, h_n_D: Tensor) -> tuple[Tensor, Tensor]:
+        """Student and teacher log-probabilities of one block, at the temperature, over the shared ids."""
+        lq = _student_logprobs(lq_n_V, self.vocab, self.temperature)
+        lp = teacher_logprobs(h_n_D, self.head, self.vocab, self.temperature).to(lq.device, lq.dtype)
+        return lq, lp
+
+    def per_token(self, parts: list[Tensor]) -> Tensor:
+        per_token_N = torch.cat(parts)
+        return torch.where(self.valid_N, per_token_N, torch.zeros_like(per_token_N)).reshape(self.shape)
 
 
 def shared_vocab(student_vocab: int, head: TeacherHead) -> int | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from opd_client.schema import ModelInfo
-from opd_student.exact_losses import Divergence, exact_divergence
+from opd_student.exact_losses import Divergence, exact_divergence, rows_by_teacher
 from opd_student.rollouts import Rollout, TeacherTensors
 from opd_student.signals.token_scores import TokenRequest, TokenScoreSignal
 from opd_student.teacher_heads import TeacherHeads, offers_hidden_states
@@ -72,14 +72,13 @@ def exact_loss(
     """Per-token exact divergence [B, T]; rows of different teachers use their own heads."""
     if teacher.hidden_B_T_D is None:
         raise ValueError("the teacher's answer holds no hidden states (return_hidden)")
-    names = list(dict.fromkeys(teachers_B))
-    if len(names) == 1:
+    groups = rows_by_teacher(teachers_B)
+    if len(groups) == 1:
         return exact_divergence(
-            logprobs_B_T_V, teacher.hidden_B_T_D, heads(names[0]), mask_B_T, kind, beta, temperature
+            logprobs_B_T_V, teacher.hidden_B_T_D, heads(groups[0][0]), mask_B_T, kind, beta, temperature
         )
     out_B_T = torch.zeros(mask_B_T.shape, dtype=logprobs_B_T_V.dtype, device=logprobs_B_T_V.device)
-    for name in names:
-        rows = torch.tensor([b for b, n in enumerate(teachers_B) if n == name])
+    for name, rows in groups:
         part = exact_divergence(
             logprobs_B_T_V[rows],
             teacher.hidden_B_T_D[rows],
