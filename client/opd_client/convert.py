@@ -276,7 +276,7 @@ def score_request_from_proto(msg: pb.ScoreRequest) -> schema.ScoreRequest:
 
 
 # ModelInfo fields that are null in JSON and 0 / "" in the proto (proto3 scalars have no null).
-_INFO_ZERO_IS_NULL = ("hidden_size", "head_sha256", "tokenizer_vocab_size")
+_INFO_ZERO_IS_NULL = ("hidden_size", "head_sha256", "tokenizer_vocab_size", "max_hidden_bytes")
 
 
 def model_info_to_proto(info: schema.ModelInfo) -> pb.ModelInfo:

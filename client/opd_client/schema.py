@@ -133,6 +133,11 @@ class ModelInfo(BaseModel):
         default=None,
         description="len(tokenizer); head rows from here to vocab_size are padding the tokenizer never emits",
     )
+    max_hidden_bytes: int | None = Field(
+        default=None,
+        description="per request with return_hidden: scored tokens × hidden_size × bytes per value, summed "
+        "over its sequences; null without hidden states",
+    )
 
 
 class ModelCard(ModelInfo):

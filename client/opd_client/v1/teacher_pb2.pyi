@@ -23,7 +23,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "revision", "vocab_size", "tokenizer_sha256", "max_top_k", "max_tokens", "max_sequence_len", "dtype", "device", "source", "black_box", "hidden_size", "head_sha256", "logit_scale", "final_logit_softcapping", "tokenizer_vocab_size")
+    __slots__ = ("name", "revision", "vocab_size", "tokenizer_sha256", "max_top_k", "max_tokens", "max_sequence_len", "dtype", "device", "source", "black_box", "hidden_size", "head_sha256", "logit_scale", "final_logit_softcapping", "tokenizer_vocab_size", "max_hidden_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class ModelInfo(_message.Message):
     LOGIT_SCALE_FIELD_NUMBER: _ClassVar[int]
     FINAL_LOGIT_SOFTCAPPING_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_HIDDEN_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     revision: str
     vocab_size: int
@@ -56,7 +57,8 @@ class ModelInfo(_message.Message):
     logit_scale: float
     final_logit_softcapping: float
     tokenizer_vocab_size: int
-    def __init__(self, name: _Optional[str] = ..., revision: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_sha256: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_sequence_len: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., source: _Optional[str] = ..., black_box: _Optional[bool] = ..., hidden_size: _Optional[int] = ..., head_sha256: _Optional[str] = ..., logit_scale: _Optional[float] = ..., final_logit_softcapping: _Optional[float] = ..., tokenizer_vocab_size: _Optional[int] = ...) -> None: ...
+    max_hidden_bytes: int
+    def __init__(self, name: _Optional[str] = ..., revision: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_sha256: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_sequence_len: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., source: _Optional[str] = ..., black_box: _Optional[bool] = ..., hidden_size: _Optional[int] = ..., head_sha256: _Optional[str] = ..., logit_scale: _Optional[float] = ..., final_logit_softcapping: _Optional[float] = ..., tokenizer_vocab_size: _Optional[int] = ..., max_hidden_bytes: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()

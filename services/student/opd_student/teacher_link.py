@@ -16,6 +16,7 @@ from typing import Any
 
 from opd_client.errors import InvalidRequest, NotFound, OpdError, Unauthenticated
 from opd_client.http_client import HttpTeacherClient
+from opd_client.request_split import split_requests, teacher_view_len
 from opd_client.retry import RetryPolicy
 from opd_client.schema import ChunkScoreRequest, ModelInfo
 from opd_client.tokenizer_hash import tokenizer_sha256
@@ -67,6 +68,8 @@ class TeacherLink:
         self.wait_s = wait_s
         self.on_wait = on_wait or (lambda message: log.warning(message))
         self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="opd-score")
+        # Checked teachers' records by the name rollouts use (None: the default); their limits cut requests.
+        self._infos: dict[str | None, ModelInfo] = {}
 
     def check(self, tokenizer, teacher_model: str | None) -> ModelInfo:
         """The teacher's model info; a clear error for a wrong URL, key, name or tokenizer."""
@@ -83,6 +86,8 @@ class TeacherLink:
                 f"error: the teacher service at {self.url} has no model {teacher_model!r}; "
                 f"it serves {', '.join(by_name)}"
             )
+        self._infos.setdefault(None, info)
+        self._infos[teacher_model] = info
         if info.black_box:
             return info  # the API teacher takes text: its tokenizer is its own business
         mine = tokenizer_sha256(tokenizer)
@@ -97,19 +102,37 @@ class TeacherLink:
     def submit(
         self, rollouts: list[Rollout], top_k: int, score_ids: list | None = None, **options: Any
     ) -> Pending:
-        """Token scores of every rollout: one request per teacher name (rollout.teacher). `score_ids` holds
-        one [T][M] id list per rollout; other options (e.g. return_hidden) go to client.score as they are."""
+        """Token scores of every rollout: one request per teacher name (rollout.teacher), cut further where
+        the teacher's per-request limits (max_tokens, max_hidden_bytes) need it. `score_ids` holds one
+        [T][M] id list per rollout; other options (e.g. return_hidden) go to client.score as they are."""
 
         def send(only: list[int]) -> list[Future]:
             groups: dict[str | None, list[int]] = {}
             for i in only:
                 groups.setdefault(rollouts[i].teacher, []).append(i)
             return [
-                self._pool.submit(self._score, rollouts, idx, top_k, score_ids, name, options)
+                self._pool.submit(self._score, rollouts, part, top_k, score_ids, name, options)
                 for name, idx in groups.items()
+                for part in self._split(rollouts, idx, name, options)
             ]
 
         return Pending(len(rollouts), send(list(range(len(rollouts)))), send)
+
+    def _split(
+        self, rollouts: list[Rollout], idx: list[int], name: str | None, options: dict
+    ) -> list[list[int]]:
+        info = self._infos.get(name, self._infos.get(None))
+        if info is None:
+            return [idx]
+        sizes = [
+            (
+                teacher_view_len(r.prompt_ids + r.completion_ids, len(r.prompt_ids), r.teacher_prefix_ids),
+                len(r.completion_ids),
+            )
+            for r in (rollouts[i] for i in idx)
+        ]
+        parts = split_requests(sizes, info, options.get("return_hidden", False), options.get("hidden_dtype"))
+        return [[idx[j] for j in part] for part in parts]
 
     def _score(self, rollouts, idx, top_k, score_ids, name, options):
         sequences = []

@@ -14,12 +14,6 @@ from opd_client import schema
 from opd_client.errors import InvalidRequest, TooManyTokens
 from opd_teacher.backends.base import ScoreItem
 
-# Hidden states of one request, summed over its sequences, as they travel (scored tokens × D × 2 or 4 bytes).
-# Under gRPC's 256 MiB message limit with room for the logprobs beside them, and a bound on what one request
-# holds in the service's memory: 128 MiB is 58k scored tokens of the default teacher (D = 576) in float32,
-# 8k tokens of a D = 8192 teacher in bfloat16.
-MAX_HIDDEN_BYTES = 128 * 2**20
-
 
 def validate_score_request(
     req: schema.ScoreRequest, info: schema.ModelInfo, bos_token_id: int | None
@@ -69,13 +63,13 @@ def validate_score_request(
         items = [dataclasses.replace(item, return_hidden=True) for item in items]
         scored = sum(len(item.completion_ids) for item in items)
         itemsize = 4 if hidden_dtype(req, info) == "float32" else 2
-        assert info.hidden_size is not None, "_check_hidden refuses a teacher without hidden states"
+        assert info.hidden_size and info.max_hidden_bytes, "_check_hidden refuses a teacher without them"
         size = scored * info.hidden_size * itemsize
-        if size > MAX_HIDDEN_BYTES:
+        if size > info.max_hidden_bytes:
             raise TooManyTokens(
                 f"the hidden states would be {size / 2**20:.0f} MiB ({scored} scored tokens × D = "
-                f"{info.hidden_size} × {itemsize} bytes); the limit is {MAX_HIDDEN_BYTES >> 20} MiB per "
-                "request: send fewer tokens per request (or hidden_dtype = bfloat16)",
+                f"{info.hidden_size} × {itemsize} bytes); the limit is max_hidden_bytes = {info.max_hidden_bytes >> 20} MiB "
+                "per request: send fewer tokens per request (or hidden_dtype = bfloat16)",
                 field="sequences",
             )
     return items, req.top_k, temperature

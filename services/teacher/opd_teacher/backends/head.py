@@ -33,6 +33,11 @@ if TYPE_CHECKING:  # hf.py loads the model; this module only reads it
 
 log = logging.getLogger(__name__)
 
+# Hidden states of one request, summed over its sequences, as they travel (scored tokens × D × 2 or 4 bytes);
+# published as ModelInfo.max_hidden_bytes. Under gRPC's 256 MiB message limit with room for the logprobs
+# beside them, and a bound on what one request holds in the service's memory: 128 MiB is 58k scored tokens
+# of the default teacher (D = 576) in float32, 8k tokens of a D = 8192 teacher in bfloat16.
+MAX_HIDDEN_BYTES = 128 * 2**20
 HEAD_CHUNK_BYTES = 1 << 22  # HTTP streaming pieces (gRPC sends smaller ones: grpc_server.HEAD_CHUNK_BYTES)
 # Unit roundoff of the model's dtype: the load check's tolerance is a few roundings of the largest logit.
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}

@@ -23,7 +23,7 @@ from opd_client.tokenizer_hash import tokenizer_sha256
 from opd_common.embedded import resolve_model
 from opd_teacher.backends.base import ScoreItem
 from opd_teacher.backends.generate import Generation, SamplingParams
-from opd_teacher.backends.head import export_head, logit_scale_of, softcap_of
+from opd_teacher.backends.head import MAX_HIDDEN_BYTES, export_head, logit_scale_of, softcap_of
 from opd_teacher.backends.plan import plan_score
 from opd_teacher.backends.prefix_cache import NoPrefixReuse, Prefix
 from opd_teacher.backends.results import RankedScores, hidden_rows, pad_cat, split_scores  # noqa: F401
@@ -120,6 +120,7 @@ class HFBackend:
             logit_scale=self.logit_scale,
             final_logit_softcapping=self.softcap,
             tokenizer_vocab_size=len(self.tokenizer),
+            max_hidden_bytes=MAX_HIDDEN_BYTES if self.head else None,
         )
         self._cache_kwarg = _cache_kwarg(self.model.base_model)
         self.prefix_reuse = False
