@@ -87,6 +87,24 @@ def chat(base_url: str, messages: list[dict], **body) -> dict:
     return r.json()
 
 
+def completion(base_url: str, prompt: str, **body) -> dict:
+    """One raw-text completion straight from the API, its logprobs in the per-token shape of chat's."""
+    r = httpx.post(
+        f"{base_url}/completions", json={"model": API_MODEL, "prompt": prompt, **body}, timeout=120
+    )
+    r.raise_for_status()
+    answer = r.json()
+    logprobs = answer["choices"][0].get("logprobs")
+    if logprobs:
+        answer["tokens"] = [
+            {"token": t, "logprob": lp, "top_logprobs": [{"token": k, "logprob": v} for k, v in top.items()]}
+            for t, lp, top in zip(
+                logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True
+            )
+        ]
+    return answer
+
+
 # ---- the fault proxy ----------------------------------------------------------------------------------
 
 # Fault names: "500", "401", "429:SECONDS" (with Retry-After), "slow:SECONDS" (then the real answer),

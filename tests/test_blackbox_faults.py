@@ -16,6 +16,7 @@ import pytest
 from blackbox_helpers import API_MODEL, FaultProxy, start_llama_server
 
 from helpers import make_tiny_model, start_teacher
+from opd_client import HttpTeacherClient
 from opd_client.errors import Overloaded, Unavailable, UpstreamError
 from opd_student.metrics_log import read_metrics
 from opd_teacher.blackbox.api_client import ApiLimits, ApiUsage, OpenAIChatAPI
@@ -54,7 +55,7 @@ def complete(proxy: FaultProxy, timeout: float = 20.0, attempts: int = 4, max_ba
         usage = ApiUsage()
         started = time.monotonic()
         try:
-            return await api.complete(HI, 1, 3, 0.0, usage), usage, time.monotonic() - started
+            return await api.complete({"messages": HI}, 1, 3, 0.0, usage), usage, time.monotonic() - started
         finally:
             await api.aclose()
 
@@ -134,6 +135,17 @@ def blackbox(proxy, tmp_path_factory):
     )  # fmt: skip
     yield teacher
     teacher.stop()
+
+
+def test_a_chat_only_api_gets_instruct_with_a_warning(blackbox):
+    """The proxy serves only chat/completions (a chat-only API): auto falls back to instruct and says why."""
+    with HttpTeacherClient(blackbox.http_url, api_key=blackbox.api_key) as client:
+        (info,) = client.models()
+    assert info.source.endswith("prefill instruct"), info.source
+    log = blackbox.log()
+    assert (
+        "--api-prefill auto: instruct, the last resort" in log and "/v1/completions answered HTTP 404" in log
+    )
 
 
 def test_chunk_score_maps_api_faults_to_statuses_with_retry_after(blackbox, proxy):

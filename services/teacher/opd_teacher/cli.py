@@ -15,7 +15,7 @@ from opd_common.embedded import DEFAULT_TEACHER
 from opd_teacher.backends.base import Backend
 from opd_teacher.backends.hf import HFBackend, HFLimits
 from opd_teacher.batcher import BatchLimits
-from opd_teacher.blackbox.api_client import ApiLimits
+from opd_teacher.blackbox.api_client import PREFILL_MODES, ApiLimits
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,11 +68,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     api.add_argument(
         "--api-prefill",
-        choices=["instruct", "assistant", "continue"],
-        default="instruct",
-        help="how the API is asked to continue a partial answer: instruct (any chat API: the start of the "
-        "answer is shown in the user turn), assistant (a final assistant message the API continues), "
-        "continue (that plus vLLM's continue_final_message)",
+        choices=list(PREFILL_MODES),
+        default="auto",
+        help="how the API is asked to continue the student's partial answer: completions (the raw-text "
+        "/v1/completions endpoint, prompt written by opd in the teacher's chat template: the teacher continues "
+        "the exact prefix), assistant (a final assistant message the API continues), continue (that plus "
+        "vLLM's continue_final_message), instruct (any chat API: the start of the answer is shown in the user "
+        "turn; the last resort), auto (completions if the API answers it at start-up, else instruct; logged)",
+    )
+    api.add_argument(
+        "--api-chat-template",
+        type=Path,
+        default=None,
+        help="for --api-prefill completions/auto: the teacher's chat template, as a tokenizer directory or a "
+        "Jinja file (default: ChatML, <|im_start|>role ... <|im_end|>)",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
@@ -170,6 +179,7 @@ def blackbox_loaders(args: argparse.Namespace) -> dict[str, Callable[[], Backend
     import os
 
     from opd_teacher.blackbox.backend import BlackBoxBackend
+    from opd_teacher.blackbox.chat_template import ChatTemplate
 
     if not args.api_base or not args.api_model:
         raise SystemExit("error: --backend openai needs --api-base URL and --api-model NAME")
@@ -187,6 +197,10 @@ def blackbox_loaders(args: argparse.Namespace) -> dict[str, Callable[[], Backend
         if value < low:
             raise SystemExit(f"error: {flag} must be >= {low}; got {value}")
     limits = dataclass_from_args(ApiLimits, args)
+    try:  # read now: a wrong path fails before the service starts, with the flag's name
+        template = ChatTemplate.load(args.api_chat_template)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     name = args.name[0] if args.name else args.api_model
     return {
         name: partial(
@@ -198,5 +212,6 @@ def blackbox_loaders(args: argparse.Namespace) -> dict[str, Callable[[], Backend
             limits,
             prefill=args.api_prefill,
             max_request_tokens=args.max_sequence_len or 4096,
+            chat_template=template,
         )
     }

@@ -30,6 +30,9 @@ _SNIPPET = 200
 # Statuses worth another try: the API is busy, restarting, or lost our request.
 _RETRY_STATUSES = {408, 409, 425, 429}
 
+# How the API is made to continue a partial answer (--api-prefill; opd_teacher.blackbox.backend says each).
+PREFILL_MODES = ("auto", "completions", "assistant", "continue", "instruct")
+
 
 @dataclass(frozen=True)
 class ApiLimits:
@@ -82,13 +85,15 @@ class ApiUsage:
 
 
 class OpenAIChatAPI:
-    """POST {api_base}/chat/completions with retries; one instance per served black-box teacher."""
+    """POST {api_base}/chat/completions (or the raw-text /completions) with retries; one instance per served
+    black-box teacher."""
 
     def __init__(self, api_base: str, api_model: str, api_key: str | None, limits: ApiLimits) -> None:
         self.api_base = api_base.rstrip("/")
         self.api_model = api_model
         self.limits = limits
         self.url = f"{self.api_base}/chat/completions"
+        self.completions_url = f"{self.api_base}/completions"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._headers = headers
         self._http = httpx.AsyncClient(headers=headers, timeout=limits.timeout_s)
@@ -99,7 +104,7 @@ class OpenAIChatAPI:
 
     async def complete(
         self,
-        messages: list[dict],
+        request: dict,
         n: int,
         max_tokens: int,
         temperature: float,
@@ -107,23 +112,44 @@ class OpenAIChatAPI:
         top_logprobs: int = 0,
         extra_body: dict | None = None,
     ) -> list[ApiChoice]:
-        """n choices for `messages` (several calls when the API answers fewer than asked)."""
-        body = {"model": self.api_model, "messages": messages, "max_tokens": max_tokens}
-        body["temperature"] = temperature
-        if top_logprobs:
-            body |= {"logprobs": True, "top_logprobs": min(top_logprobs, self.limits.max_top_logprobs)}
+        """n choices for `request`: {"messages": [...]} goes to chat/completions, {"prompt": text} to the
+        raw-text completions endpoint (several calls when the API answers fewer than asked)."""
+        body = {"model": self.api_model, **request, "max_tokens": max_tokens, "temperature": temperature}
+        top_logprobs = min(top_logprobs, self.limits.max_top_logprobs)
+        raw_text = "prompt" in request
+        if top_logprobs:  # the two endpoints ask for them differently (OpenAI's legacy format for raw text)
+            body |= (
+                {"logprobs": top_logprobs} if raw_text else {"logprobs": True, "top_logprobs": top_logprobs}
+            )
         body |= extra_body or {}
+
+        def call(fields: dict) -> Awaitable[list[ApiChoice]]:
+            return self._choices(body | fields, usage, top_logprobs, raw_text)
+
         if n == 1 or self.honours_n is False:
-            calls = [self._choices(body | {"n": 1} if n > 1 else body, usage) for _ in range(n)]
+            calls = [call({"n": 1} if n > 1 else {}) for _ in range(n)]
             return [c for answer in await gather_or_cancel(*calls) for c in answer][:n]
-        choices = await self._choices(body | {"n": n}, usage)
+        choices = await call({"n": n})
         if self.honours_n is None:
             self.honours_n = len(choices) >= n
         missing = n - len(choices)
         if missing > 0:
-            more = await gather_or_cancel(*[self._choices(body | {"n": 1}, usage) for _ in range(missing)])
+            more = await gather_or_cancel(*[call({"n": 1}) for _ in range(missing)])
             choices += [c for answer in more for c in answer]
         return choices[:n]
+
+    def probe_completions(self) -> str | None:
+        """None when the raw-text completions endpoint answers a 1-token request; else why not (for the
+        start-up line that says which prefill mode `auto` picked). No retries: a refusal is the answer."""
+        body = {"model": self.api_model, "prompt": "Hello", "max_tokens": 1, "temperature": 0.0}
+        try:
+            with httpx.Client(headers=self._headers, timeout=self.limits.timeout_s) as http:
+                _parse_choices(self.completions_url, http.post(self.completions_url, json=body), 0, True)
+        except ApiAnswerError as e:
+            return f"{self.completions_url} answered {e.message}"
+        except httpx.TransportError as e:
+            return f"{self.completions_url}: {_describe(e)}"
+        return None
 
     def check(self) -> None:
         """One tiny call (blocking, with the same retries): a wrong URL, key or model fails at start-up."""
@@ -141,20 +167,23 @@ class OpenAIChatAPI:
                     log.warning("teacher API check failed (%s); retry in %.1f s", _describe(e), delay)
                     time.sleep(delay)
 
-    async def _choices(self, body: dict, usage: ApiUsage) -> list[ApiChoice]:
+    async def _choices(
+        self, body: dict, usage: ApiUsage, top_logprobs: int, raw_text: bool
+    ) -> list[ApiChoice]:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.limits.max_concurrency)
+        url = self.completions_url if raw_text else self.url
         for attempt in range(1, self.limits.retry.max_attempts + 1):
             try:
                 async with self._slots:
-                    response = await self._http.post(self.url, json=body)
-                answer, raw = _parse_choices(self.url, response, body.get("top_logprobs", 0))
+                    response = await self._http.post(url, json=body)
+                answer, raw = _parse_choices(url, response, top_logprobs, raw_text)
                 usage.add(raw)
                 return answer
             except (OpdError, httpx.TransportError) as e:
                 delay = self._retry_delay(e, attempt)
                 if delay is None:
-                    raise _final_error(self.url, e, attempt) from e
+                    raise _final_error(url, e, attempt) from e
                 usage.retries += 1
                 log.warning(
                     "teacher API call failed (%s); retry %d/%d in %.1f s",
@@ -210,7 +239,9 @@ class ApiAnswerError(OpdError):
         self.retryable = retryable
 
 
-def _parse_choices(url: str, response: httpx.Response, top_logprobs: int) -> tuple[list[ApiChoice], dict]:
+def _parse_choices(
+    url: str, response: httpx.Response, top_logprobs: int, raw_text: bool = False
+) -> tuple[list[ApiChoice], dict]:
     """(choices, JSON body) of a 200 answer; ApiAnswerError for an error status or an unreadable answer."""
     status = response.status_code
     if status != 200:
@@ -228,7 +259,36 @@ def _parse_choices(url: str, response: httpx.Response, top_logprobs: int) -> tup
         raise ApiAnswerError(
             f"HTTP 200 but the answer has no 'choices' list: {_snippet(response)!r}", status, retryable=True
         )
-    return [_choice(c, i, top_logprobs, status) for i, c in enumerate(choices)], body
+    parse = _text_choice if raw_text else _choice
+    return [parse(c, i, top_logprobs, status) for i, c in enumerate(choices)], body
+
+
+def _text_choice(raw: object, i: int, top_logprobs: int, status: int) -> ApiChoice:
+    """A choice of the raw-text endpoint: `text`, and logprobs in OpenAI's legacy format (parallel lists
+    `tokens`, `token_logprobs`, `top_logprobs` of {token: logprob})."""
+    choice = raw if isinstance(raw, dict) else {}
+    text = choice.get("text")
+    if not isinstance(text, str):
+        raise ApiAnswerError(
+            f"HTTP 200 but choices[{i}].text is {json.dumps(text)[:40]}, not a string", status, retryable=True
+        )
+    tokens = None
+    logprobs = choice.get("logprobs")
+    if top_logprobs and isinstance(logprobs, dict) and isinstance(logprobs.get("tokens"), list):
+        chosen = logprobs.get("token_logprobs") or []
+        tops = logprobs.get("top_logprobs") or []
+        tokens = []
+        for j, token in enumerate(logprobs["tokens"]):
+            if not isinstance(token, str):
+                continue
+            top = tops[j] if j < len(tops) and isinstance(tops[j], dict) else {}
+            entry = {
+                "token": token,
+                "logprob": chosen[j] if j < len(chosen) else None,
+                "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top.items()],
+            }
+            tokens.append(_token(entry))
+    return ApiChoice(text, choice.get("finish_reason"), tokens)
 
 
 def _choice(raw: object, i: int, top_logprobs: int, status: int) -> ApiChoice:
