@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from blackbox_helpers import API_MODEL, chat, start_llama_server
+from blackbox_helpers import API_MODEL, completion, start_llama_server
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import make_tiny_model, start_teacher
@@ -24,6 +24,7 @@ from opd_student import losses
 from opd_student.distributed import opd_command
 from opd_student.metrics_log import read_metrics
 from opd_student.signals.chunk_rewards import token_pieces
+from opd_teacher.blackbox.chat_template import ChatTemplate
 from opd_teacher.blackbox.chunks import TeacherToken, pick_chunks, smoothed_reward, verify_chunk
 from opd_teacher.blackbox.similarity import edit_similarity, embedding_model_dir
 
@@ -184,15 +185,21 @@ def blackbox(llama, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def greedy_answer(llama):
-    """The teacher's own greedy answer, token by token, with its logprobs, straight from the API."""
-    body = chat(llama.base_url, QUESTION, max_tokens=10, temperature=0.0, logprobs=True, top_logprobs=5)
-    return body["choices"][0]["logprobs"]["content"]
+    """The teacher's own greedy answer, token by token, with its logprobs, straight from the API's raw-text
+    endpoint on the ChatML prompt (what `auto` picks on this server)."""
+    prompt = ChatTemplate.load(None).render(QUESTION, "")
+    answer = completion(
+        llama.base_url, prompt, max_tokens=10, temperature=0.0, logprobs=5, stop=["<|im_end|>"]
+    )
+    return answer["tokens"]
 
 
 def test_black_box_teacher_lists_itself_and_refuses_white_box_scoring(blackbox):
     with HttpTeacherClient(blackbox.http_url, api_key=blackbox.api_key) as client:
         (info,) = client.models()
         assert info.black_box and info.name == API_MODEL and info.max_top_k == 20
+        assert info.source.endswith("prefill completions"), info.source  # auto's choice on this server
+    assert "--api-prefill auto: completions" in blackbox.log()
     r = httpx.post(
         f"{blackbox.http_url}/v1/score",
         json={"sequences": [{"token_ids": [1, 2, 3], "prompt_len": 1}], "top_k": 2},
@@ -225,6 +232,28 @@ def test_chunk_score_accepts_the_teachers_own_greedy_answer(blackbox, greedy_ans
         pytest.approx(alternatives[" banana"], abs=2e-3) if " banana" in alternatives else None
     )
     assert chunk.token_logprobs[4:] == [None, None]
+
+
+def test_the_teacher_continues_the_students_exact_prefix(blackbox, greedy_answer):
+    """A chunk in the middle of the teacher's own greedy answer: the teacher, given the answer's first 5
+    tokens as the start of its turn, writes the 6th itself, with about the logprob it gave it in its own
+    pass. About: llama.cpp runs a prompt in batches and generated tokens one at a time, through other
+    kernels, so the two passes differ by up to ~0.1 nats here, enough to flip a later near-tie, which is
+    why only the first token is held to the teacher's. With instruct the prefix is only quoted inside an
+    instruction, and the teacher starts its answer over ("1. ...")."""
+    pieces = [t["token"] for t in greedy_answer[:10]]
+    request = {
+        "messages": QUESTION,
+        "completion": pieces,
+        "num_chunks": 2,
+        "chunk_tokens": 3,
+        "num_samples": 1,
+    }
+    with HttpTeacherClient(blackbox.http_url, api_key=blackbox.api_key) as client:
+        first, middle = client.chunk_score(request).chunks
+    assert [(c.start, c.end) for c in (first, middle)] == [(0, 3), (5, 8)]
+    assert first.accepted_tokens == 3 and middle.accepted_tokens >= 1, (first, middle)
+    assert middle.token_logprobs[0] == pytest.approx(greedy_answer[5]["logprob"], abs=0.25)
 
 
 def test_chunk_score_similarities_equal_a_direct_computation(blackbox):
@@ -284,8 +313,11 @@ def test_grpc_chunk_score_gives_the_same_chunks_and_errors(blackbox, greedy_answ
             grpc_client.chunk_score({**request, "entropies": [1.0, 2.0]})
     with HttpTeacherClient(blackbox.http_url, api_key=blackbox.api_key) as client:
         via_http = client.chunk_score(request)
-    key = [(c.start, c.end, c.text, c.accepted_tokens, c.greedy) for c in via_grpc.chunks]
-    assert key == [(c.start, c.end, c.text, c.accepted_tokens, c.greedy) for c in via_http.chunks]
+    # The chunks, not the teacher's greedy words: llama.cpp reuses the cached states of the previous prompt's
+    # common prefix and runs the rest through other kernels, which can flip a near-tie in a greedy answer.
+    key = [(c.start, c.end, c.text) for c in via_grpc.chunks]
+    assert key == [(c.start, c.end, c.text) for c in via_http.chunks]
+    assert all(c.greedy and c.accepted_tokens >= 1 for c in [*via_grpc.chunks, *via_http.chunks])
     assert via_grpc.usage.requests == via_http.usage.requests == 2 * (1 + 1)
 
 
@@ -318,13 +350,18 @@ def _train(
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_train_chunk_loss_runs_through_the_real_api_and_logs_api_tokens(blackbox, tiny_student, tmp_path):
+def test_train_chunk_loss_runs_through_the_real_api_and_logs_api_tokens(
+    blackbox, teacher, tiny_student, tmp_path
+):
+    """Also: --eval-teacher-url puts the held-out KL to a white-box service beside the chunk reward, equal to
+    `opd eval` of the same student against that service; --api-*-price turn the API's tokens into a cost."""
     out = tmp_path / "run"
     r = _train(
         blackbox, tiny_student, out, "--loss", "chunk", "--steps", "2",
         "--prompts-per-step", "2", "--samples-per-prompt", "1", "--max-new-tokens", "8",
         "--chunk-num", "2", "--chunk-tokens", "3", "--chunk-samples", "2", "--no-chunk-baseline",
         "--eval-num-prompts", "2", "--eval-max-new-tokens", "6", "--lr", "1e-2",
+        "--eval-teacher-url", teacher.http_url, "--api-prompt-price", "0.5", "--api-completion-price", "1.5",
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     records = read_metrics(out / "metrics.jsonl")
@@ -334,8 +371,21 @@ def test_train_chunk_loss_runs_through_the_real_api_and_logs_api_tokens(blackbox
         # every chunk costs N sample calls + 1 greedy call at llama-cpp-python (one choice per call)
         assert x["api/requests"] == x["chunk/chunks"] * (2 + 1) and x["api/tokens"] > 0
         assert 0 < x["chunk/reward"] < 1 and 0 < x["chunk/token_fraction"] <= 1
+        expected_cost = (x["api/prompt_tokens"] * 0.5 + x["api/completion_tokens"] * 1.5) / 1e6
+        assert x["api/cost"] == pytest.approx(expected_cost, rel=1e-12)
     evals = [x for x in records if x.get("eval")]
     assert [x["step"] for x in evals] == [0, 2] and all(x["eval/api_tokens"] > 0 for x in evals)
+    assert "white-box sampled reverse KL" in r.stdout
+    direct = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "opd_cli.main", "eval", "--teacher-url", teacher.http_url, "--student",
+           str(tiny_student), "--num-prompts", "2", "--max-new-tokens", "6", "--json-out", str(direct)]  # fmt: skip
+    e = subprocess.run(
+        cmd, env={**os.environ, "OPD_TEACHER_API_KEY": teacher.api_key}, capture_output=True, text=True
+    )
+    assert e.returncode == 0, e.stderr[-3000:]
+    expected = json.loads(direct.read_text())
+    for key in ("eval/reverse_kl", "eval/topk_forward_kl", "eval/tokens"):
+        assert evals[0][key] == pytest.approx(expected[key], abs=1e-4), key
     # positive chunk weights (no baseline) and a large lr: the student moved
     before = AutoModelForCausalLM.from_pretrained(tiny_student).state_dict()
     after = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()

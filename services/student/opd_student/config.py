@@ -92,6 +92,12 @@ class TrainConfig:
     chunk_alpha: float = 1.0  # the prior's weight, in pseudo-samples
     chunk_teacher_temperature: float = 1.0  # the API teacher's sampling temperature (0: greedy)
     chunk_kl_coef: float = 0.1  # weight of KL(student ‖ initial student) on the tokens outside chunks
+    # loss chunk: at every eval also the held-out KL to this white-box service (an open copy of the API's
+    # model under opd serve-teacher), beside the chunk reward; its key is read from eval_teacher_api_key_env
+    eval_teacher_url: str | None = None
+    eval_teacher_api_key_env: str = "OPD_EVAL_TEACHER_API_KEY"
+    api_prompt_price: float = 0.0  # loss chunk: price per million API prompt tokens (> 0: log api/cost)
+    api_completion_price: float = 0.0  # loss chunk: price per million API completion tokens
     # --- methods (docs/methods.md); all off by default
     horizon_ratio: float = 1.0  # TOPD ρ: rollouts stop after ⌊ρ·max_new_tokens⌋ tokens
     horizon_start: int = 0  # POPD H0 (0: off): H_k = min(T, H0 + horizon_growth·⌊k / horizon_every⌋)
@@ -157,6 +163,14 @@ class TrainConfig:
             (0 <= self.chunk_prior <= 1, f"chunk_prior must be in [0, 1]; got {self.chunk_prior}"),
             (self.chunk_alpha >= 0, f"chunk_alpha must be >= 0; got {self.chunk_alpha}"),
             (self.chunk_kl_coef >= 0, f"chunk_kl_coef must be >= 0; got {self.chunk_kl_coef}"),
+            (
+                self.eval_teacher_url is None or self.loss == "chunk",
+                "eval_teacher_url is for loss chunk (the other losses measure the KL to their own teacher)",
+            ),
+            (
+                self.api_prompt_price >= 0 and self.api_completion_price >= 0,
+                "api_prompt_price and api_completion_price must be >= 0",
+            ),
             (self.max_staleness >= 0, f"max_staleness must be >= 0; got {self.max_staleness}"),
             (self.max_inflight_requests >= 1, "max_inflight_requests must be >= 1"),
             (self.micro_batch_size >= 1, f"micro_batch_size must be >= 1; got {self.micro_batch_size}"),

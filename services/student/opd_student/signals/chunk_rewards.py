@@ -30,6 +30,7 @@ from opd_student.prompts import Prompt
 from opd_student.rollout_factory import RolloutFactory
 from opd_student.rollouts import Rollout, student_logprobs
 from opd_student.signals.base import EvalResult
+from opd_student.signals.white_box_eval import WhiteBoxEval
 from opd_student.student_model import Student
 from opd_student.teacher_link import Pending, TeacherLink
 
@@ -46,6 +47,7 @@ class ChunkRewards:
         self, cfg: TrainConfig, student: Student, link: TeacherLink, factory: RolloutFactory
     ) -> None:
         self.cfg, self.student, self.link, self.factory = cfg, student, link, factory
+        self.white_box = WhiteBoxEval(cfg, student, factory) if cfg.eval_teacher_url else None
 
     def check_teacher(self, info: ModelInfo, url: str) -> None:
         if not info.black_box:
@@ -88,15 +90,19 @@ class ChunkRewards:
         world = student.world
         responses = _all_ranks(world, responses)
         rewards = [chunk_reward(self.cfg, c) for r in responses for c in r.chunks]
-        out = chunk_metrics(responses, rewards, "eval/chunk_")
+        out = chunk_metrics(responses, rewards, "eval/chunk_", self.cfg)
         out = {k.replace("api/", "eval/api_"): v for k, v in out.items()}
         n_prompts = len(prompts) - (len(prompts) % world.size if world.distributed else 0)
         metrics = {**out, "eval/tokens": int(world.sum([tokens])[0]), "eval/prompts": n_prompts}
-        return EvalResult(
-            metrics,
+        summary = (
             f"chunk reward {metrics['eval/chunk_reward']:.4f}, similarity "
-            f"{metrics['eval/chunk_similarity']:.4f}, accepted {metrics['eval/chunk_accept_rate']:.3f}",
+            f"{metrics['eval/chunk_similarity']:.4f}, accepted {metrics['eval/chunk_accept_rate']:.3f}"
         )
+        if self.white_box is not None:  # the same seeded samples, scored by the open copy
+            white = self.white_box.evaluate(student, prompts, seed)
+            metrics |= white.metrics
+            summary += f"; {white.summary}"
+        return EvalResult(metrics, summary)
 
 
 class ChunkStepLoss:
@@ -141,7 +147,7 @@ class ChunkStepLoss:
         tokens = self.normaliser
         return {
             "loss": self.loss_sum / tokens,
-            **chunk_metrics(self.everyone, self.rewards, "chunk/"),
+            **chunk_metrics(self.everyone, self.rewards, "chunk/", self.cfg),
             "chunk/baseline": self.baseline,
             "chunk/token_fraction": 1.0 - self.outside_tokens / tokens,
             "kl/initial": self.kl_sum / max(1.0, self.outside_tokens),
@@ -225,15 +231,24 @@ def chunk_weights(
     return weights_B_T, chunk_B_T
 
 
-def chunk_metrics(responses: list[ChunkScoreResponse], rewards: list[float], prefix: str) -> dict:
-    """Mean chunk reward and similarities, the speculative acceptance rate, and the API's bill."""
+def chunk_metrics(
+    responses: list[ChunkScoreResponse], rewards: list[float], prefix: str, cfg: TrainConfig
+) -> dict:
+    """Mean chunk reward and similarities, the speculative acceptance rate, and the API's bill (its cost
+    too when cfg gives prices per million tokens)."""
     chunks = [c for r in responses for c in r.chunks]
     n = max(1, len(chunks))
     chunk_tokens = sum(c.end - c.start for c in chunks)
     usage = [r.usage for r in responses]
     prompt_tokens = sum(u.prompt_tokens for u in usage)
     completion_tokens = sum(u.completion_tokens for u in usage)
+    cost = {}
+    if cfg.api_prompt_price or cfg.api_completion_price:
+        cost["api/cost"] = (
+            prompt_tokens * cfg.api_prompt_price + completion_tokens * cfg.api_completion_price
+        ) / 1e6
     return {
+        **cost,
         f"{prefix}reward": sum(rewards) / n,
         f"{prefix}smoothed_reward": sum(c.reward for c in chunks) / n,
         f"{prefix}similarity": sum(c.similarity for c in chunks) / n,
