@@ -5,6 +5,7 @@
 - hidden_states.py  the teacher's exact full distribution from its hidden states and output head
                     (exact_reverse_kl, exact_forward_kl, exact_jsd)
 - chunk_rewards.py  a black-box teacher's chunk rewards (POST /v1/chunk-score): loss chunk
+- white_box_eval.py --eval-teacher-url: loss chunk's held-out KL to an open copy of the teacher
 
 `make_signal` picks the implementation for `cfg.loss`; a new signal adds one entry to SIGNALS.
 """
