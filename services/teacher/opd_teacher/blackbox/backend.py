@@ -125,7 +125,11 @@ class BlackBoxBackend:
         is {"prompt": text} for the raw-text endpoint, else {"messages": [...]}."""
         if self.prefill == "completions":
             stop = {"stop": self.template.stop} if self.template.stop else {}
-            return {"prompt": self.template.render(messages, prefix)}, stop
+            try:  # a template may refuse some turns (e.g. roles out of order): the caller's messages
+                prompt = self.template.render(messages, prefix)
+            except ValueError as e:
+                raise InvalidRequest(str(e), field="messages") from None
+            return {"prompt": prompt}, stop
         if not prefix:
             return {"messages": messages}, {}
         if self.prefill == "assistant":
