@@ -325,7 +325,8 @@ def test_chunk_score_errors_name_the_field(blackbox):
     headers = {"Authorization": f"Bearer {blackbox.api_key}"}
     base = {"messages": QUESTION, "completion": ["a", "b"]}
     for extra, field in (
-        ({"num_samples": 0}, "num_samples"),
+        ({"num_samples": -1}, "num_samples"),
+        ({"continuation_tokens": 0}, "continuation_tokens"),
         ({"top_logprobs": 21}, "top_logprobs"),
         ({"completion": []}, "completion"),
     ):

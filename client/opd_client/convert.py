@@ -307,6 +307,7 @@ _CHUNK_OPTIONAL = (
     "prior",
     "alpha",
     "top_logprobs",
+    "continuation_tokens",
 )
 
 
@@ -317,9 +318,11 @@ def chunk_request_to_proto(req: schema.ChunkScoreRequest) -> pb.ChunkScoreReques
         completion=req.completion,
         entropies=req.entropies or [],
         return_samples=req.return_samples,
+        return_teacher_tokens=req.return_teacher_tokens,
     )
     for name in _CHUNK_OPTIONAL:
-        setattr(msg, name, getattr(req, name))
+        if getattr(req, name) is not None:
+            setattr(msg, name, getattr(req, name))
     return msg
 
 
@@ -333,6 +336,7 @@ def chunk_request_from_proto(msg: pb.ChunkScoreRequest) -> schema.ChunkScoreRequ
         # proto3 cannot tell an empty list from an unset one; zero entropies would pick nothing anyway.
         entropies=list(msg.entropies) or None,
         return_samples=msg.return_samples,
+        return_teacher_tokens=msg.return_teacher_tokens,
         **given,
     )
 
@@ -340,9 +344,18 @@ def chunk_request_from_proto(msg: pb.ChunkScoreRequest) -> schema.ChunkScoreRequ
 def chunk_response_to_proto(resp: schema.ChunkScoreResponse) -> pb.ChunkScoreResponse:
     chunks = []
     for c in resp.chunks:
-        fields = c.model_dump(exclude={"token_logprobs", "samples"})
+        fields = c.model_dump(exclude={"token_logprobs", "samples", "teacher_tokens"})
         chunk = pb.ChunkScore(**fields, samples=c.samples or [])
         chunk.token_logprobs.extend(float("nan") if x is None else x for x in c.token_logprobs)
+        chunk.teacher_tokens.extend(
+            pb.TeacherToken(
+                text=t.text,
+                logprob=float("nan") if t.logprob is None else t.logprob,
+                top_tokens=t.top_tokens,
+                top_logprobs=t.top_logprobs,
+            )
+            for t in c.teacher_tokens or []
+        )
         chunks.append(chunk)
     return pb.ChunkScoreResponse(
         model=resp.model, chunks=chunks, usage=pb.ApiUsage(**resp.usage.model_dump())
@@ -355,6 +368,16 @@ def chunk_response_from_proto(msg: pb.ChunkScoreResponse) -> schema.ChunkScoreRe
         fields = {name: getattr(c, name) for name in schema.ChunkScore.model_fields}
         fields["token_logprobs"] = [None if x != x else float(x) for x in c.token_logprobs]  # NaN -> None
         fields["samples"] = list(c.samples) or None
+        # proto3 has no null list: an empty one means the API gave no tokens (the JSON face's null).
+        fields["teacher_tokens"] = [
+            schema.TeacherToken(
+                text=t.text,
+                logprob=None if t.logprob != t.logprob else t.logprob,
+                top_tokens=list(t.top_tokens),
+                top_logprobs=list(t.top_logprobs),
+            )
+            for t in c.teacher_tokens
+        ] or None
         chunks.append(schema.ChunkScore(**fields))
     usage = schema.ApiUsage(**{name: getattr(msg.usage, name) for name in schema.ApiUsage.model_fields})
     return schema.ChunkScoreResponse(model=msg.model, chunks=chunks, usage=usage)

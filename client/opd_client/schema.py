@@ -192,7 +192,11 @@ class ChunkScoreRequest(_Strict):
         default=4, description="M: chunks scored (fewer if the completion is short)"
     )
     chunk_tokens: StrictInt = Field(default=8, description="C: student tokens per chunk")
-    num_samples: StrictInt = Field(default=4, description="N: teacher samples per chunk")
+    num_samples: StrictInt = Field(
+        default=4,
+        description="N: teacher samples per chunk (0: none; the chunk gets only the greedy continuation, "
+        "its similarities are 0 and its reward the prior's)",
+    )
     temperature: StrictFloat | StrictInt = Field(
         default=1.0, description="the teacher's sampling temperature"
     )
@@ -207,6 +211,24 @@ class ChunkScoreRequest(_Strict):
     return_samples: StrictBool = Field(
         default=False, description="include the teacher's samples in the answer"
     )
+    continuation_tokens: StrictInt | None = Field(
+        default=None,
+        description="tokens of the teacher's greedy continuation of each chunk's prefix (default: the chunk's "
+        "length); longer ones give more teacher positions per call",
+    )
+    return_teacher_tokens: StrictBool = Field(
+        default=False,
+        description="include each greedy continuation's tokens with their top_logprobs (teacher_tokens)",
+    )
+
+
+class TeacherToken(BaseModel):
+    """One token of a black-box teacher's continuation as its API reported it: text, not ids."""
+
+    text: str
+    logprob: float | None = Field(default=None, description="the teacher's logprob of it (null: not given)")
+    top_tokens: list[str] = Field(default_factory=list, description="its top_logprobs, most likely first")
+    top_logprobs: list[float] = Field(default_factory=list)
 
 
 class ChunkScore(BaseModel):
@@ -227,6 +249,11 @@ class ChunkScore(BaseModel):
     )
     greedy: str = Field(description="the teacher's greedy continuation of the chunk's prefix")
     samples: list[str] | None = None
+    teacher_tokens: list[TeacherToken] | None = Field(
+        default=None,
+        description="with return_teacher_tokens: the greedy continuation token by token, each with the "
+        "API's top_logprobs (null when the API gave no logprobs)",
+    )
 
 
 class ApiUsage(BaseModel):

@@ -195,7 +195,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class ChunkScoreRequest(_message.Message):
-    __slots__ = ("model", "messages", "completion", "entropies", "num_chunks", "chunk_tokens", "num_samples", "temperature", "similarity_threshold", "prior", "alpha", "top_logprobs", "return_samples")
+    __slots__ = ("model", "messages", "completion", "entropies", "num_chunks", "chunk_tokens", "num_samples", "temperature", "similarity_threshold", "prior", "alpha", "top_logprobs", "return_samples", "continuation_tokens", "return_teacher_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,8 @@ class ChunkScoreRequest(_message.Message):
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     RETURN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TEACHER_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     completion: _containers.RepeatedScalarFieldContainer[str]
@@ -222,10 +224,24 @@ class ChunkScoreRequest(_message.Message):
     alpha: float
     top_logprobs: int
     return_samples: bool
-    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., completion: _Optional[_Iterable[str]] = ..., entropies: _Optional[_Iterable[float]] = ..., num_chunks: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., num_samples: _Optional[int] = ..., temperature: _Optional[float] = ..., similarity_threshold: _Optional[float] = ..., prior: _Optional[float] = ..., alpha: _Optional[float] = ..., top_logprobs: _Optional[int] = ..., return_samples: _Optional[bool] = ...) -> None: ...
+    continuation_tokens: int
+    return_teacher_tokens: bool
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., completion: _Optional[_Iterable[str]] = ..., entropies: _Optional[_Iterable[float]] = ..., num_chunks: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., num_samples: _Optional[int] = ..., temperature: _Optional[float] = ..., similarity_threshold: _Optional[float] = ..., prior: _Optional[float] = ..., alpha: _Optional[float] = ..., top_logprobs: _Optional[int] = ..., return_samples: _Optional[bool] = ..., continuation_tokens: _Optional[int] = ..., return_teacher_tokens: _Optional[bool] = ...) -> None: ...
+
+class TeacherToken(_message.Message):
+    __slots__ = ("text", "logprob", "top_tokens", "top_logprobs")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    logprob: float
+    top_tokens: _containers.RepeatedScalarFieldContainer[str]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, text: _Optional[str] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[str]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ChunkScore(_message.Message):
-    __slots__ = ("start", "end", "text", "similarity", "similarity_max", "edit_similarity", "edit_similarity_max", "matches", "reward", "accepted_tokens", "token_logprobs", "greedy", "samples")
+    __slots__ = ("start", "end", "text", "similarity", "similarity_max", "edit_similarity", "edit_similarity_max", "matches", "reward", "accepted_tokens", "token_logprobs", "greedy", "samples", "teacher_tokens")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +255,7 @@ class ChunkScore(_message.Message):
     TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     GREEDY_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_TOKENS_FIELD_NUMBER: _ClassVar[int]
     start: int
     end: int
     text: str
@@ -252,7 +269,8 @@ class ChunkScore(_message.Message):
     token_logprobs: _containers.RepeatedScalarFieldContainer[float]
     greedy: str
     samples: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., text: _Optional[str] = ..., similarity: _Optional[float] = ..., similarity_max: _Optional[float] = ..., edit_similarity: _Optional[float] = ..., edit_similarity_max: _Optional[float] = ..., matches: _Optional[int] = ..., reward: _Optional[float] = ..., accepted_tokens: _Optional[int] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., greedy: _Optional[str] = ..., samples: _Optional[_Iterable[str]] = ...) -> None: ...
+    teacher_tokens: _containers.RepeatedCompositeFieldContainer[TeacherToken]
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., text: _Optional[str] = ..., similarity: _Optional[float] = ..., similarity_max: _Optional[float] = ..., edit_similarity: _Optional[float] = ..., edit_similarity_max: _Optional[float] = ..., matches: _Optional[int] = ..., reward: _Optional[float] = ..., accepted_tokens: _Optional[int] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., greedy: _Optional[str] = ..., samples: _Optional[_Iterable[str]] = ..., teacher_tokens: _Optional[_Iterable[_Union[TeacherToken, _Mapping]]] = ...) -> None: ...
 
 class ApiUsage(_message.Message):
     __slots__ = ("requests", "prompt_tokens", "completion_tokens", "retries")

@@ -92,6 +92,11 @@ class TrainConfig:
     chunk_alpha: float = 1.0  # the prior's weight, in pseudo-samples
     chunk_teacher_temperature: float = 1.0  # the API teacher's sampling temperature (0: greedy)
     chunk_kl_coef: float = 0.1  # weight of KL(student ‖ initial student) on the tokens outside chunks
+    # weight of the top-k forward KL on the teacher's greedy continuation of each chunk's prefix, from the
+    # API's top logprobs (0: off; signals/continuation_kd.py)
+    chunk_kd_coef: float = 0.0
+    chunk_continuation_tokens: int = 0  # tokens of that greedy continuation (0: chunk_tokens)
+    chunk_top_logprobs: int = 20  # alternatives asked per greedy token (the service caps it at the API's)
     # loss chunk: at every eval also the held-out KL to this white-box service (an open copy of the API's
     # model under opd serve-teacher), beside the chunk reward; its key is read from eval_teacher_api_key_env
     eval_teacher_url: str | None = None
@@ -159,7 +164,17 @@ class TrainConfig:
             (self.gkd_lambda == 1 or self.dataset, "gkd_lambda < 1 needs a dataset of fixed sequences"),
             (self.loss != "chunk" or self.gkd_lambda == 1, "loss chunk is on-policy only (gkd_lambda = 1)"),
             (self.chunk_num >= 1 and self.chunk_tokens >= 1, "chunk_num and chunk_tokens must be >= 1"),
-            (self.chunk_samples >= 1, f"chunk_samples must be >= 1; got {self.chunk_samples}"),
+            (self.chunk_samples >= 0, f"chunk_samples must be >= 0; got {self.chunk_samples}"),
+            (self.chunk_kd_coef >= 0, f"chunk_kd_coef must be >= 0; got {self.chunk_kd_coef}"),
+            (
+                self.chunk_continuation_tokens >= 0,
+                f"chunk_continuation_tokens must be >= 0; got {self.chunk_continuation_tokens}",
+            ),
+            (self.chunk_top_logprobs >= 0, f"chunk_top_logprobs must be >= 0; got {self.chunk_top_logprobs}"),
+            (
+                self.chunk_samples > 0 or self.chunk_kd_coef > 0,
+                "chunk_samples 0 leaves loss chunk without a signal: set chunk_kd_coef > 0",
+            ),
             (0 <= self.chunk_prior <= 1, f"chunk_prior must be in [0, 1]; got {self.chunk_prior}"),
             (self.chunk_alpha >= 0, f"chunk_alpha must be >= 0; got {self.chunk_alpha}"),
             (self.chunk_kl_coef >= 0, f"chunk_kl_coef must be >= 0; got {self.chunk_kl_coef}"),

@@ -150,6 +150,42 @@ def topk_forward_kl(
     return _masked(_bucket_kl(log_p_B_T_N, log_q_B_T_N), mask_B_T)
 
 
+def ragged_topk_forward_kl(
+    student_logprobs_B_T_V: Tensor,
+    teacher_ids_B_T_K: Tensor,
+    teacher_logprobs_B_T_K: Tensor,
+    present_B_T_K: Tensor,
+    mask_B_T: Tensor,
+) -> Tensor:
+    """`topk_forward_kl` where each position has its own number of teacher alternatives (an API's top
+    logprobs, of which only those naming a student id are kept): entries with present_B_T_K False count
+    in neither distribution's top-k, so both tails hold their mass,
+
+        KL = Σ_{k present} p_k (log p_k − log q_k) + p_tail (log p_tail − log q_tail),
+        p_tail = 1 − Σ_{k present} p_k,  q_tail = 1 − Σ_{k present} q_k.
+
+    Gradient flows through q only.
+    """
+    valid_B_T = mask_B_T > 0
+    use_B_T_K = present_B_T_K.bool() & valid_B_T[..., None]
+    dtype = _compute_dtype(student_logprobs_B_T_V)
+    ids_B_T_K = teacher_ids_B_T_K.long().masked_fill(~use_B_T_K, 0)
+    # Absent entries sit at e^-1e4 = 0 exactly: they add nothing to a sum, and every log stays finite
+    # (a logsumexp over -inf alone would give a NaN gradient).
+    log_p_B_T_K = _absent_to_zero_mass(teacher_logprobs_B_T_K.detach(), use_B_T_K, dtype)
+    log_q_B_T_K = _absent_to_zero_mass(student_logprobs_B_T_V.gather(-1, ids_B_T_K), use_B_T_K, dtype)
+    log_p_B_T_N = _with_tail(log_p_B_T_K, _tail_logprob(log_p_B_T_K))
+    log_q_B_T_N = _with_tail(log_q_B_T_K, _tail_logprob(log_q_B_T_K))
+    return _masked(_bucket_kl(log_p_B_T_N, log_q_B_T_N), mask_B_T)
+
+
+_ABSENT_LOGPROB = -1e4
+
+
+def _absent_to_zero_mass(logprobs: Tensor, present: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.where(present, logprobs.to(dtype).clamp_min(TAIL_LOGPROB_FLOOR), _ABSENT_LOGPROB)
+
+
 def student_topk_reverse_kl(
     student_logprobs_B_T_V: Tensor,
     student_top_ids_B_T_K: Tensor,

@@ -120,7 +120,7 @@ def _loop(cfg: TrainConfig, run: Run) -> None:
             loss = teacher_signal.step_loss(batch.step.rollouts, feedback)
             optimizer.zero_grad(set_to_none=True)
             accumulate_gradients(
-                student, batch.step.rollouts, cfg.micro_batch_size, loss.normaliser, loss.per_token_loss
+                student, loss.sequences, cfg.micro_batch_size, loss.normaliser, loss.per_token_loss
             )
             params = student.parameters()
             loss.finish_gradients(params)

@@ -5,7 +5,7 @@ A signal is one kind of teacher feedback and everything that follows from it. Pe
     request  = signal.request(rollouts)          send the step's rollouts to the teacher (pipelined)
     feedback = signal.collect(request)           wait for the answers (outages are waited out)
     step     = signal.step_loss(rollouts, feedback)
-    accumulate_gradients(..., step.normaliser, step.per_token_loss)   (microbatch.py)
+    accumulate_gradients(step.sequences, ..., step.normaliser, step.per_token_loss)   (microbatch.py)
     step.finish_gradients(params)                e.g. rescale to a weighted mean
     metrics  = step.metrics()                    the step's numbers, summed over all ranks
 
@@ -41,6 +41,9 @@ class StepLoss(Protocol):
     baselines, selections, normalisers)."""
 
     normaliser: float  # what each micro-batch's loss sum is divided by (the step's tokens, all ranks)
+    # what the step trains on: its rollouts, and any sequences the signal adds (the same count on every
+    # rank); per_token_loss's micro-batch indices point into this list
+    sequences: list[Rollout]
 
     def per_token_loss(self, mb: MicroBatch) -> torch.Tensor:
         """The masked per-token loss [B, T] of one micro-batch (called inside the gradient loop)."""

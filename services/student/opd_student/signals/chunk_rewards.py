@@ -9,8 +9,14 @@ each chunk's prefix N times, and rewards the chunk by how many continuations say
     Σ_chunks −(r_c − b) · Σ_{t ∈ c} log q(x_t)  +  β · Σ_{t ∉ chunks} KL(q_t ‖ q0_t)
 
 r_c the chunk's reward, b the step's mean reward (chunk_baseline), q0 the initial student (frozen), β =
-chunk_kl_coef; all divided by the step's completion tokens, as the other losses. Under torchrun each rank
-scores its share of the rollouts; the baseline, the token count and the logged numbers are the whole step's.
+chunk_kl_coef; all divided by the step's completion tokens, as the other losses. With chunk_kd_coef = λ > 0
+the teacher's greedy continuation of each chunk's prefix comes back with the API's top logprobs and
+
+    + λ · mean over continuation positions of KL(p_topk+tail ‖ q)        (signals/continuation_kd.py)
+
+is added; with chunk_samples = 0 no samples are drawn and the reward term is off (one API call a chunk).
+Under torchrun each rank scores its share of the rollouts; the baseline, the token counts and the logged
+numbers are the whole step's.
 """
 
 from __future__ import annotations
@@ -30,6 +36,13 @@ from opd_student.prompts import Prompt
 from opd_student.rollout_factory import RolloutFactory
 from opd_student.rollouts import Rollout, student_logprobs
 from opd_student.signals.base import EvalResult
+from opd_student.signals.continuation_kd import (
+    KdSequence,
+    TokenTable,
+    kd_sequences,
+    kd_tensors,
+    padding_sequence,
+)
 from opd_student.signals.white_box_eval import WhiteBoxEval
 from opd_student.student_model import Student
 from opd_student.teacher_link import Pending, TeacherLink
@@ -48,6 +61,7 @@ class ChunkRewards:
     ) -> None:
         self.cfg, self.student, self.link, self.factory = cfg, student, link, factory
         self.white_box = WhiteBoxEval(cfg, student, factory) if cfg.eval_teacher_url else None
+        self.table = TokenTable(student.tokenizer, student.eos_token_id) if cfg.chunk_kd_coef > 0 else None
 
     def check_teacher(self, info: ModelInfo, url: str) -> None:
         if not info.black_box:
@@ -74,7 +88,8 @@ class ChunkRewards:
         return self.link.collect(pending)
 
     def step_loss(self, rollouts: list[Rollout], responses: list[ChunkScoreResponse]) -> ChunkStepLoss:
-        return ChunkStepLoss(self.cfg, self.student, rollouts, responses)
+        kd = kd_sequences(rollouts, responses, self.table) if self.table is not None else []
+        return ChunkStepLoss(self.cfg, self.student, rollouts, responses, kd)
 
     def evaluate(self, student: Student, prompts: list[Prompt], seed: int) -> EvalResult:
         """Held-out chunk reward: one seeded sample per prompt, chunks spread evenly (the same positions
@@ -106,23 +121,41 @@ class ChunkRewards:
 
 
 class ChunkStepLoss:
+    """The step's sequences are its rollouts, then the teacher's continuations (`kd`), then padding up to
+    the largest rank's count; a micro-batch may hold both kinds, each row gets its own term."""
+
     def __init__(
-        self, cfg: TrainConfig, student: Student, rollouts: list[Rollout], responses: list[ChunkScoreResponse]
+        self,
+        cfg: TrainConfig,
+        student: Student,
+        rollouts: list[Rollout],
+        responses: list[ChunkScoreResponse],
+        kd: list[KdSequence],
     ) -> None:
         self.cfg, self.student, self.responses = cfg, student, responses
         self.world: World = student.world
         self.everyone = _all_ranks(self.world, responses)  # the whole step's chunks: baseline and metrics
         self.rewards = [chunk_reward(cfg, c) for r in self.everyone for c in r.chunks]
+        self.use_reward = cfg.chunk_samples > 0
         self.baseline = float(np.mean(self.rewards)) if cfg.chunk_baseline and self.rewards else 0.0
         self.normaliser = self.world.sum([sum(len(r.completion_ids) for r in rollouts)])[0]
-        self.loss_sum = self.kl_sum = self.outside_tokens = 0.0
         self.num_rollouts = float(len(rollouts))
+        width = int(self.world.max(len(rollouts) + len(kd)))
+        self.kd: list[KdSequence] = kd + [padding_sequence(rollouts[0])] * (width - len(rollouts) - len(kd))
+        self.sequences = rollouts + [s.rollout for s in self.kd]
+        self.kd_tokens = self.world.sum([sum(len(s.top_ids_T_K) for s in kd)])[0]
+        self.kd_sequences = float(len(kd))
+        self.loss_sum = self.kl_sum = self.outside_tokens = self.kd_sum = self.kd_mass = 0.0
 
     def per_token_loss(self, mb: MicroBatch) -> torch.Tensor:
-        responses_B = [self.responses[i] for i in mb.idx]
+        R = len(self.responses)
+        responses_B = [self.responses[i] if i < R else None for i in mb.idx]
+        rollout_B = torch.tensor([float(i < R) for i in mb.idx])
         weights_B_T, chunk_B_T = chunk_weights(self.cfg, responses_B, mb.mask_B_T.shape, self.baseline)
+        if not self.use_reward:
+            weights_B_T = torch.zeros_like(weights_B_T)
         per_token_B_T = losses.chunk_weighted_nll(mb.token_logprobs_B_T, weights_B_T, chunk_B_T)
-        outside_B_T = mb.mask_B_T * (1.0 - chunk_B_T)
+        outside_B_T = mb.mask_B_T * (1.0 - chunk_B_T) * rollout_B[:, None]
         initial = self.student.initial
         if self.cfg.chunk_kl_coef > 0 and initial is not None:
             device = self.student.device
@@ -134,14 +167,35 @@ class ChunkStepLoss:
             kl_B_T = losses.reverse_kl_to_reference(mb.logprobs_B_T_V, reference_B_T_V, outside_B_T)
             per_token_B_T = per_token_B_T + self.cfg.chunk_kl_coef * kl_B_T
             self.kl_sum += kl_B_T.sum().item()
+        if self.kd_tokens > 0:
+            per_token_B_T = per_token_B_T + self._kd_loss(mb, R)
         self.loss_sum += per_token_B_T.sum().item()
         self.outside_tokens += outside_B_T.sum().item()
         return per_token_B_T
 
-    def finish_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        self.loss_sum, self.kl_sum, self.outside_tokens, self.num_rollouts = self.world.sum(
-            [self.loss_sum, self.kl_sum, self.outside_tokens, self.num_rollouts]
+    def _kd_loss(self, mb: MicroBatch, R: int) -> torch.Tensor:
+        """λ · KL on the continuation rows, scaled so that over the step it is λ times their mean per
+        continuation position (the micro-batch loop divides every row by the rollouts' token count)."""
+        kd_B = [self.kd[i - R] if i >= R else None for i in mb.idx]
+        ids_B_T_K, lps_B_T_K, present_B_T_K = kd_tensors(kd_B, mb.mask_B_T.shape[1])
+        rows_B_T = torch.tensor([float(s is not None) for s in kd_B])[:, None] * mb.mask_B_T
+        kl_B_T = losses.ragged_topk_forward_kl(
+            mb.logprobs_B_T_V, ids_B_T_K, lps_B_T_K, present_B_T_K, rows_B_T
         )
+        self.kd_sum += kl_B_T.detach().sum().item()
+        self.kd_mass += (lps_B_T_K.exp() * present_B_T_K).sum().item()
+        return kl_B_T * (self.cfg.chunk_kd_coef * self.normaliser / self.kd_tokens)
+
+    def finish_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        (
+            self.loss_sum, self.kl_sum, self.outside_tokens, self.num_rollouts, self.kd_sum, self.kd_mass,
+            self.kd_sequences,
+        ) = self.world.sum(
+            [
+                self.loss_sum, self.kl_sum, self.outside_tokens, self.num_rollouts, self.kd_sum,
+                self.kd_mass, self.kd_sequences,
+            ]
+        )  # fmt: skip
 
     def metrics(self) -> dict[str, Any]:
         tokens = self.normaliser
@@ -151,10 +205,22 @@ class ChunkStepLoss:
             "chunk/baseline": self.baseline,
             "chunk/token_fraction": 1.0 - self.outside_tokens / tokens,
             "kl/initial": self.kl_sum / max(1.0, self.outside_tokens),
+            **self._kd_metrics(),
             "tokens": int(tokens),
             "rollouts": int(self.num_rollouts),
             "on_policy": 1,
             "completion_len": tokens / self.num_rollouts,
+        }
+
+    def _kd_metrics(self) -> dict[str, Any]:
+        if self.cfg.chunk_kd_coef <= 0:
+            return {}
+        positions = max(1.0, self.kd_tokens)
+        return {
+            "kd/forward_kl": self.kd_sum / positions,  # mean top-k + tail KL at the continuation positions
+            "kd/positions": int(self.kd_tokens),
+            "kd/sequences": int(self.kd_sequences),
+            "kd/topk_mass": self.kd_mass / positions,  # the teacher's mass on mapped alternatives
         }
 
 
@@ -201,6 +267,9 @@ def chunk_requests(
             similarity_threshold=cfg.chunk_threshold,
             prior=cfg.chunk_prior,
             alpha=cfg.chunk_alpha,
+            top_logprobs=cfg.chunk_top_logprobs,
+            continuation_tokens=cfg.chunk_continuation_tokens or None,
+            return_teacher_tokens=cfg.chunk_kd_coef > 0,
         )
         for i, r in enumerate(rollouts)
     ]
@@ -220,12 +289,13 @@ def _all_ranks(world: World, responses: list[ChunkScoreResponse]) -> list[ChunkS
 
 
 def chunk_weights(
-    cfg: TrainConfig, responses_B: list[ChunkScoreResponse], shape_B_T: tuple, baseline: float
+    cfg: TrainConfig, responses_B: list[ChunkScoreResponse | None], shape_B_T: tuple, baseline: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights_B_T = chunk reward − baseline on each chunk's tokens, chunk_mask_B_T), zeros elsewhere."""
+    """(weights_B_T = chunk reward − baseline on each chunk's tokens, chunk_mask_B_T), zeros elsewhere and
+    on rows without a response (the teacher's continuations)."""
     weights_B_T, chunk_B_T = torch.zeros(shape_B_T), torch.zeros(shape_B_T)
     for b, response in enumerate(responses_B):
-        for c in response.chunks:
+        for c in response.chunks if response is not None else []:
             weights_B_T[b, c.start : c.end] = chunk_reward(cfg, c) - baseline
             chunk_B_T[b, c.start : c.end] = 1.0
     return weights_B_T, chunk_B_T

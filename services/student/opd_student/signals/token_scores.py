@@ -162,6 +162,7 @@ class TokenStepLoss:
 
     def __init__(self, signal: TokenScoreSignal, rollouts: list[Rollout], feedback: TokenFeedback) -> None:
         self.signal, self.rollouts, self.feedback = signal, rollouts, feedback
+        self.sequences = rollouts
         self.world: World = signal.student.world
         self.weights = signal.methods.step_weights(signal.student, rollouts, feedback.scores)
         self.per_teacher = TeacherMetrics() if signal.methods.several_teachers else None

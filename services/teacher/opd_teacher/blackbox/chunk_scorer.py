@@ -6,7 +6,10 @@ temperature, and one greedy answer with top_logprobs. Each sample is compared wi
 (embedding cosine with all-MiniLM-L6-v2, normalised character edit similarity); k samples at or above the
 cosine threshold give the smoothed reward (k + α·prior)/(N + α), as in logit-free on-policy distillation:
 the student's chunk is good when the teacher, in its place, would say the same. The greedy answer verifies
-the chunk speculatively: how many of its tokens the teacher would have written itself.
+the chunk speculatively: how many of its tokens the teacher would have written itself. With
+`return_teacher_tokens` the greedy continuation comes back token by token with the API's top logprobs
+(`continuation_tokens` long), for a trainer to distil the teacher's distributions at the student's prefix
+(opd_student.signals.continuation_kd). `num_samples: 0` skips the samples: one call per chunk.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from opd_client import schema
 from opd_client.errors import InvalidRequest
 from opd_teacher.blackbox.api_client import ApiChoice, ApiUsage, gather_or_cancel
 from opd_teacher.blackbox.backend import BlackBoxBackend
-from opd_teacher.blackbox.chunks import pick_chunks, smoothed_reward, verify_chunk
+from opd_teacher.blackbox.chunks import TeacherToken, pick_chunks, smoothed_reward, verify_chunk
 from opd_teacher.blackbox.similarity import edit_similarity
 
 API_CALLS = Counter("opd_api_requests_total", "Calls made to black-box teachers' APIs", ["model"])
@@ -99,9 +102,14 @@ def validate_chunk_request(req: schema.ChunkScoreRequest, info: schema.ModelInfo
             f"chunk_tokens = {req.chunk_tokens} must be in [1, {MAX_CHUNK_TOKENS}]",
         ),
         (
-            1 <= req.num_samples <= MAX_SAMPLES,
+            0 <= req.num_samples <= MAX_SAMPLES,
             "num_samples",
-            f"num_samples = {req.num_samples} must be in [1, {MAX_SAMPLES}]",
+            f"num_samples = {req.num_samples} must be in [0, {MAX_SAMPLES}]",
+        ),
+        (
+            req.continuation_tokens is None or 1 <= req.continuation_tokens <= MAX_CHUNK_TOKENS,
+            "continuation_tokens",
+            f"continuation_tokens = {req.continuation_tokens} must be in [1, {MAX_CHUNK_TOKENS}]",
         ),
         (0 <= req.temperature <= 2, "temperature", f"temperature = {req.temperature} must be in [0, 2]"),
         (
@@ -136,12 +144,17 @@ async def _ask(
     prefix = "".join(pieces[:start])
     asked, extra = backend.continuation(messages, prefix)
     # As many tokens as the student's chunk has: with the student's tokenizer the texts are of like
-    # length; with another tokenizer roughly so.
+    # length; with another tokenizer roughly so. The greedy answer may go further (continuation_tokens).
     max_tokens = end - start
-    sampled, greedy = await gather_or_cancel(
-        backend.api.complete(asked, req.num_samples, max_tokens, float(req.temperature), usage, 0, extra),
-        backend.api.complete(asked, 1, max_tokens, 0.0, usage, req.top_logprobs, extra),
-    )
+    greedy_tokens = max(max_tokens, req.continuation_tokens or 0)
+    greedy_call = backend.api.complete(asked, 1, greedy_tokens, 0.0, usage, req.top_logprobs, extra)
+    if req.num_samples == 0:
+        sampled, greedy = [], await greedy_call
+    else:
+        sampled, greedy = await gather_or_cancel(
+            backend.api.complete(asked, req.num_samples, max_tokens, float(req.temperature), usage, 0, extra),
+            greedy_call,
+        )
     samples = [backend.continuation_text(prefix, c.text)[0] for c in sampled]
     return samples, greedy[0], backend.continuation_text(prefix, greedy[0].text)[1]
 
@@ -152,7 +165,8 @@ def _cosines(
     if backend.embedder is None:
         raise RuntimeError("the black-box backend was not warmed up (no embedding model)")
     return [
-        backend.embedder.cosine(text, samples) for text, samples in zip(chunk_texts, samples_M_N, strict=True)
+        backend.embedder.cosine(text, samples) if samples else np.zeros(0)
+        for text, samples in zip(chunk_texts, samples_M_N, strict=True)
     ]
 
 
@@ -168,6 +182,8 @@ def _chunk(
 ) -> schema.ChunkScore:
     start, end = span
     edit_N = np.array([edit_similarity(text, s) for s in samples], dtype=np.float64)
+    if not len(samples):  # num_samples 0: nothing to compare with, the mean/max of nothing is 0
+        cos_N = edit_N = np.zeros(1)
     matches = int((cos_N >= req.similarity_threshold).sum())
     greedy_text = greedy.text[greedy_cut:]
     verification = verify_chunk(
@@ -187,9 +203,38 @@ def _chunk(
         edit_similarity=float(edit_N.mean()),
         edit_similarity_max=float(edit_N.max()),
         matches=matches,
-        reward=smoothed_reward(matches, len(samples), req.prior, req.alpha),
+        reward=smoothed_reward(matches, len(samples), req.prior, req.alpha) if samples else req.prior,
         accepted_tokens=verification.accepted_tokens,
         token_logprobs=verification.token_logprobs,
         greedy=greedy_text,
         samples=samples if req.return_samples else None,
+        teacher_tokens=continuation_tokens(greedy.tokens, greedy_cut) if req.return_teacher_tokens else None,
+    )
+
+
+def continuation_tokens(
+    tokens: list[TeacherToken] | None, skip_chars: int
+) -> list[schema.TeacherToken] | None:
+    """The greedy continuation's tokens after the `skip_chars` characters that repeat the prefix (instruct
+    mode), each with its top logprobs, most likely first. None when the API gave no logprobs, or when the cut
+    falls inside a token (the tokens after it would not follow the student's prefix)."""
+    if tokens is None:
+        return None
+    position = 0
+    for i, token in enumerate(tokens):
+        if position == skip_chars:
+            return [_teacher_token(t) for t in tokens[i:]]
+        if position > skip_chars:
+            return None
+        position += len(token.text)
+    return [] if position == skip_chars else None
+
+
+def _teacher_token(token: TeacherToken) -> schema.TeacherToken:
+    ranked = sorted(token.alternatives.items(), key=lambda kv: -kv[1])
+    return schema.TeacherToken(
+        text=token.text,
+        logprob=token.logprob,
+        top_tokens=[t for t, _ in ranked],
+        top_logprobs=[lp for _, lp in ranked],
     )
