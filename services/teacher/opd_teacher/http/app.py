@@ -21,6 +21,8 @@ from opd_teacher.http.chunk_score import chunk_score_router
 from opd_teacher.http.errors import ClientGone, install_error_handlers
 from opd_teacher.http.head import head_router
 from opd_teacher.http.openai_compat import openai_router
+from opd_teacher.http.sglang_compat import sglang_router
+from opd_teacher.http.vllm_generate import vllm_generate_router
 
 _ERRORS: dict[int | str, dict[str, Any]] = {  # FastAPI's type for `responses`
     400: {"model": schema.ErrorBody},
@@ -182,6 +184,10 @@ def create_app(engine: TeacherEngine, api_keys: set[str] | None = None) -> FastA
 
     # /v1/completions, /v1/chat/completions, /health and /v2/health/*: OpenAI/vLLM/KServe clients as they are
     app.include_router(openai_router(engine, _until_disconnect, deadline_from))
+    # /generate, /health_generate: SGLang's native API (slime, miles)
+    app.include_router(sglang_router(engine, _until_disconnect, deadline_from))
+    # /inference/v1/generate: vLLM's tokens-in/tokens-out route with prompt_logprobs (prime-rl)
+    app.include_router(vllm_generate_router(engine, _until_disconnect, deadline_from))
     # /v1/chunk-score: black-box teachers (an OpenAI-compatible API behind --backend openai)
     app.include_router(chunk_score_router(engine, _until_disconnect))
     # /v1/models/{name}/head: the output head for trainers that score from hidden states (return_hidden)
