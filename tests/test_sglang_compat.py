@@ -2,8 +2,7 @@
 
 The request and answer shapes are SGLang v0.5.23's (the PyPI wheel sglang==0.5.23; files named in
 opd_teacher/http/sglang_request.py and sglang_shape.py). Both routes run the same batcher and forward, so
-the numbers agree to float rounding of differently batched forwards: TOL = 1e-5 (the issue's bound;
-measured 0.0 on a quiet service).
+the numbers agree up to float rounding of differently batched forwards: TOL = 1e-5 (the issue's bound).
 """
 
 from __future__ import annotations
