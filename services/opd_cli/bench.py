@@ -6,7 +6,7 @@ from __future__ import annotations
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmarks (results in docs/benchmarks.md)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    from opd_bench import generation_latency, limits, memory, scale, serve, train_memory
+    from opd_bench import generation_latency, gpu_check, limits, memory, scale, serve, train_memory
     from opd_bench.compare import runner as compare
 
     memory.register(bench)
@@ -16,3 +16,4 @@ def register(subparsers) -> None:
     train_memory.register(bench)
     generation_latency.register(bench)
     limits.register(bench)
+    gpu_check.register(bench)
