@@ -68,3 +68,5 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued kernels, so a wall-clock reading covers the work (CUDA runs asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from opd_bench.check_parts import CheckRun
-from opd_bench.device_info import describe_device
+from opd_bench.device_info import describe_device, load_average
 from opd_bench.gpu_models import SIZES, build_model_dir
 from opd_bench.serve import ServeBenchConfig, make_pool, run_raw, run_service
 from opd_common.launch import LocalTeacher, start_teacher
@@ -194,6 +194,7 @@ def run_gpu_check(cfg: GpuCheckConfig, workdir: Path, out: Path) -> dict:
                     shutil.rmtree(done, ignore_errors=True)
         shutil.rmtree(model_dir, ignore_errors=True)  # an 8B model is 16 GB on disk
     run.data["summary"] = summarise(run.data["parts"])
+    run.data["load_average_end"] = load_average()  # beside the header's: was the machine shared?
     run.write()
     return run.data
 
