@@ -87,8 +87,13 @@ def test_train_continuation_kd_runs_through_the_real_api(blackbox, tmp_path):
     env = {**os.environ, "OPD_TEACHER_API_KEY": blackbox.api_key}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    steps = [x for x in read_metrics(out / "metrics.jsonl") if not x.get("eval")]
+    records = read_metrics(out / "metrics.jsonl")
+    steps = [x for x in records if not x.get("eval")]
     assert [x["step"] for x in steps] == [1, 2]
+    evals = [x for x in records if x.get("eval")]
+    assert [x["step"] for x in evals] == [0, 2]
+    assert all(x["eval/kd_forward_kl"] > 0 and x["eval/kd_positions"] > 0 for x in evals)
+    assert "forward KL on the teacher's continuations" in r.stdout and "chunk reward" not in r.stdout
     for x in steps:
         assert x["api/requests"] == x["chunk/chunks"]  # the greedy call only
         assert 0 < x["kd/sequences"] <= x["chunk/chunks"] and 0 < x["kd/positions"] <= 4 * x["kd/sequences"]

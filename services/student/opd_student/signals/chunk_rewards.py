@@ -39,6 +39,7 @@ from opd_student.signals.base import EvalResult
 from opd_student.signals.continuation_kd import (
     KdSequence,
     TokenTable,
+    heldout_kd,
     kd_sequences,
     kd_tensors,
     padding_sequence,
@@ -94,14 +95,19 @@ class ChunkRewards:
     def evaluate(self, student: Student, prompts: list[Prompt], seed: int) -> EvalResult:
         """Held-out chunk reward: one seeded sample per prompt, chunks spread evenly (the same positions
         whatever the student's entropies), scored by the black-box teacher."""
-        responses, tokens = [], 0
+        responses, tokens, kd_sum, kd_positions = [], 0, 0.0, 0
         for rollouts in heldout_rollouts(
             student.scorer, student.tokenizer, self.factory, prompts, self.cfg.eval_max_new_tokens, seed,
             world=student.world,
         ):  # fmt: skip
             requests = chunk_requests(self.cfg, student.tokenizer, rollouts, None)
-            responses += self.link.collect(self.link.submit_chunks(requests))
+            answers = self.link.collect(self.link.submit_chunks(requests))
+            responses += answers
             tokens += sum(len(r.completion_ids) for r in rollouts)
+            if self.table is not None:
+                seqs = kd_sequences(rollouts, answers, self.table)
+                part_sum, part_positions = heldout_kd(student, seqs, rollouts[0], self.cfg.micro_batch_size)
+                kd_sum, kd_positions = kd_sum + part_sum, kd_positions + part_positions
         world = student.world
         responses = _all_ranks(world, responses)
         rewards = [chunk_reward(self.cfg, c) for r in responses for c in r.chunks]
@@ -109,10 +115,18 @@ class ChunkRewards:
         out = {k.replace("api/", "eval/api_"): v for k, v in out.items()}
         n_prompts = len(prompts) - (len(prompts) % world.size if world.distributed else 0)
         metrics = {**out, "eval/tokens": int(world.sum([tokens])[0]), "eval/prompts": n_prompts}
-        summary = (
-            f"chunk reward {metrics['eval/chunk_reward']:.4f}, similarity "
-            f"{metrics['eval/chunk_similarity']:.4f}, accepted {metrics['eval/chunk_accept_rate']:.3f}"
-        )
+        summary = f"accepted {metrics['eval/chunk_accept_rate']:.3f}"
+        if self.cfg.chunk_samples > 0:
+            summary = (
+                f"chunk reward {metrics['eval/chunk_reward']:.4f}, similarity "
+                f"{metrics['eval/chunk_similarity']:.4f}, {summary}"
+            )
+        if self.table is not None:  # the teacher's continuations: the KD term's own held-out measure
+            kd_sum, kd_positions = world.sum([kd_sum, kd_positions])
+            metrics["eval/kd_forward_kl"] = kd_sum / max(1.0, kd_positions)
+            metrics["eval/kd_positions"] = int(kd_positions)
+            summary += f", top-{self.cfg.chunk_top_logprobs} forward KL on the teacher's continuations "
+            summary += f"{metrics['eval/kd_forward_kl']:.4f}"
         if self.white_box is not None:  # the same seeded samples, scored by the open copy
             white = self.white_box.evaluate(student, prompts, seed)
             metrics |= white.metrics

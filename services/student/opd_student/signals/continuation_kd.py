@@ -26,7 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from opd_client.schema import ChunkScoreResponse, TeacherToken
+from opd_student import losses
+from opd_student.microbatch import MicroBatch, no_grad_pass
 from opd_student.rollouts import Rollout
+from opd_student.student_model import Student
 
 
 class TokenTable:
@@ -129,3 +132,24 @@ def kd_tensors(
             lps[b, t, :n] = torch.tensor(row_lps)
             present[b, t, :n] = True
     return ids, lps, present
+
+
+def heldout_kd(
+    student: Student, seqs: list[KdSequence], fallback: Rollout, micro_batch_size: int
+) -> tuple[float, int]:
+    """(Σ KL, positions) of the student's top-k forward KL to the teacher over these continuations (this
+    rank's, no grad): the held-out measure of what the KD term trains, needing no white-box copy. Ranks
+    pad to the same number of sequences (a sharded forward needs every rank)."""
+    positions = sum(len(s.top_ids_T_K) for s in seqs)
+    width = int(student.world.max(len(seqs)))
+    seqs = seqs + [padding_sequence(fallback)] * (width - len(seqs))
+
+    def per_row(mb: MicroBatch) -> list[float]:
+        ids_B_T_K, lps_B_T_K, present_B_T_K = kd_tensors([seqs[i] for i in mb.idx], mb.mask_B_T.shape[1])
+        kl_B_T = losses.ragged_topk_forward_kl(
+            mb.logprobs_B_T_V, ids_B_T_K, lps_B_T_K, present_B_T_K, mb.mask_B_T
+        )
+        return kl_B_T.sum(-1).tolist()
+
+    sums = no_grad_pass(student, [s.rollout for s in seqs], micro_batch_size, per_row) if seqs else []
+    return float(sum(sums)), positions
