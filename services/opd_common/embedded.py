@@ -14,12 +14,25 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from opd_common import gemma_gguf
 from opd_common.embedded_gguf import GGUF_FILE, PACKAGE, VERSION, gguf_path
 
-__all__ = ["DEFAULT_TEACHER", "build_once", "cache_dir", "embedded_teacher_dir", "gguf_path", "resolve_model"]
+__all__ = [
+    "DEFAULT_TEACHER",
+    "GEMMA_TEACHER",
+    "build_once",
+    "cache_dir",
+    "embedded_teacher_dir",
+    "gemma_teacher_dir",
+    "gguf_path",
+    "resolve_model",
+]
 
 DEFAULT_TEACHER = "smollm2-135m-instruct"
+# The second embedded teacher, with another tokenizer (opd_common.embedded_gemma): cross-tokenizer runs.
+GEMMA_TEACHER = "gemma3-270m"
 _SOURCE = f"{PACKAGE}=={VERSION} ({GGUF_FILE}, de-quantised to fp32)"
+_GEMMA_SOURCE = f"{gemma_gguf.PACKAGE}=={gemma_gguf.VERSION} ({gemma_gguf.GGUF_FILE}, de-quantised to fp32)"
 
 
 def cache_dir() -> Path:
@@ -31,10 +44,12 @@ def resolve_model(name_or_path: str) -> tuple[Path, str]:
     """(HF directory, description of its source) for the embedded name or a local HF directory."""
     if name_or_path in (DEFAULT_TEACHER, "default"):
         return embedded_teacher_dir(), _SOURCE
+    if name_or_path == GEMMA_TEACHER:
+        return gemma_teacher_dir(), _GEMMA_SOURCE
     path = Path(name_or_path).expanduser()
     if not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"model {name_or_path!r} is neither the embedded {DEFAULT_TEACHER!r} nor a directory with a "
+            f"model {name_or_path!r} is neither an embedded teacher ({DEFAULT_TEACHER!r}, {GEMMA_TEACHER!r}) nor a directory with a "
             "config.json (hub downloads are not used)"
         )
     return path, str(path.resolve())
@@ -43,6 +58,15 @@ def resolve_model(name_or_path: str) -> tuple[Path, str]:
 def embedded_teacher_dir() -> Path:
     """The converted default teacher, made on first use."""
     return build_once(cache_dir() / "models" / DEFAULT_TEACHER, lambda tmp: _convert_gguf(gguf_path(), tmp))
+
+
+def gemma_teacher_dir() -> Path:
+    """The converted Gemma 3 270M (fetched on first use if the set-up has not), with Gemma 3's chat template."""
+
+    def build(tmp: Path) -> None:
+        _convert_gguf(gemma_gguf.gguf_path(), tmp, _GEMMA_SOURCE, gemma_gguf.CHAT_TEMPLATE)
+
+    return build_once(cache_dir() / "models" / GEMMA_TEACHER, build)
 
 
 def build_once(target: Path, build: Callable[[Path], None]) -> Path:
@@ -61,11 +85,13 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
-def _convert_gguf(gguf: Path, tmp: Path) -> None:
+def _convert_gguf(gguf: Path, tmp: Path, source: str = _SOURCE, chat_template: str | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if chat_template is not None:  # a GGUF without one (a base model's)
+        tokenizer.chat_template = chat_template
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are plain fp32 after de-quantisation, but transformers keeps GGUF markers that make
     # save_pretrained (and HF Trainer-based tools) refuse the model; clearing them gives a normal checkpoint.
@@ -75,4 +101,4 @@ def _convert_gguf(gguf: Path, tmp: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "opd_source.txt").write_text(_SOURCE + "\n")
+    (tmp / "opd_source.txt").write_text(source + "\n")
