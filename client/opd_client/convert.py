@@ -173,6 +173,7 @@ def score_result_to_json(result: ScoreResult, binary: bool = False, logprob_dtyp
         "sequences": [scores_to_json(s, binary, logprob_dtype, hidden_dtype) for s in result.sequences],
         "usage": {"scored_tokens": result.scored_tokens, "forward_tokens": result.forward_tokens},
         "hidden_dtype": result.hidden_dtype,
+        "weights_version": result.weights_version,
     }
 
 
@@ -183,17 +184,21 @@ def score_result_from_json(body: dict) -> ScoreResult:
         scored_tokens=body["usage"]["scored_tokens"],
         forward_tokens=body["usage"]["forward_tokens"],
         hidden_dtype=body.get("hidden_dtype"),
+        weights_version=body.get("weights_version"),
     )
 
 
 def score_result_to_proto(result: ScoreResult, logprob_dtype: str = "float32") -> pb.ScoreResponse:
     """The gRPC answer, and the HTTP body under `Accept: application/x-protobuf`."""
     hidden_dtype = result.hidden_dtype or "float32"
-    return pb.ScoreResponse(
+    msg = pb.ScoreResponse(
         model=result.model,
         sequences=[scores_to_proto(s, logprob_dtype, hidden_dtype) for s in result.sequences],
         usage=pb.Usage(scored_tokens=result.scored_tokens, forward_tokens=result.forward_tokens),
     )
+    if result.weights_version is not None:
+        msg.weights_version = result.weights_version
+    return msg
 
 
 def score_result_from_proto(msg: pb.ScoreResponse) -> ScoreResult:
@@ -205,6 +210,7 @@ def score_result_from_proto(msg: pb.ScoreResponse) -> ScoreResult:
         scored_tokens=msg.usage.scored_tokens,
         forward_tokens=msg.usage.forward_tokens,
         hidden_dtype=hidden[0] if hidden else None,
+        weights_version=msg.weights_version if msg.HasField("weights_version") else None,
     )
 
 
@@ -276,7 +282,13 @@ def score_request_from_proto(msg: pb.ScoreRequest) -> schema.ScoreRequest:
 
 
 # ModelInfo fields that are null in JSON and 0 / "" in the proto (proto3 scalars have no null).
-_INFO_ZERO_IS_NULL = ("hidden_size", "head_sha256", "tokenizer_vocab_size", "max_hidden_bytes")
+_INFO_ZERO_IS_NULL = (
+    "hidden_size",
+    "head_sha256",
+    "tokenizer_vocab_size",
+    "max_hidden_bytes",
+    "max_weights_bytes",
+)
 
 
 def model_info_to_proto(info: schema.ModelInfo) -> pb.ModelInfo:
@@ -293,6 +305,17 @@ def model_info_from_proto(msg: pb.ModelInfo) -> schema.ModelInfo:
             continue
         fields[name] = value
     return schema.ModelInfo(**fields)
+
+
+# ---- live weight updates ----------------------------------------------------------------------------
+
+
+def weights_update_to_proto(update: schema.WeightsUpdate) -> pb.WeightsUpdate:
+    return pb.WeightsUpdate(**update.model_dump())
+
+
+def weights_update_from_proto(msg: pb.WeightsUpdate) -> schema.WeightsUpdate:
+    return schema.WeightsUpdate(**{name: getattr(msg, name) for name in schema.WeightsUpdate.model_fields})
 
 
 # ---- black-box chunk scoring ------------------------------------------------------------------------

@@ -53,6 +53,14 @@ class Unauthenticated(OpdError):
     type = "authentication_error"
 
 
+class Forbidden(OpdError):
+    """The key is right but the service does not offer this (e.g. weight updates are switched off)."""
+
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
+    type = "permission_error"
+
+
 class NotFound(OpdError):
     http_status = 404
     grpc_code = "NOT_FOUND"
@@ -100,6 +108,7 @@ _BY_HTTP = {
         InvalidRequest,
         ValidationFailed,
         Unauthenticated,
+        Forbidden,
         NotFound,
         TooManyTokens,
         Overloaded,
@@ -111,6 +120,7 @@ _BY_HTTP = {
 _BY_GRPC = {
     "INVALID_ARGUMENT": InvalidRequest,
     "UNAUTHENTICATED": Unauthenticated,
+    "PERMISSION_DENIED": Forbidden,
     "NOT_FOUND": NotFound,
     "RESOURCE_EXHAUSTED": Overloaded,
     "UNAVAILABLE": Unavailable,

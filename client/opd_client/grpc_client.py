@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from collections.abc import Sequence as Seq
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 # Shared with the server: top_k = vocab answers are ~390 KB per scored position for a 49k vocabulary.
 MAX_MESSAGE_BYTES = 256 * 2**20
 TEACHER_SERVICE = "opd.v1.Teacher"
+# UpdateWeights pieces: under gRPC's default 4 MiB message limit, which third-party servers keep.
+WEIGHTS_CHUNK_BYTES = 2 * 2**20
 DEFAULT_RETRY = RetryPolicy()
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
@@ -161,6 +164,25 @@ class GrpcTeacherClient:
         return convert.chunk_response_from_proto(
             self._call("ChunkScore", convert.chunk_request_to_proto(req))
         )
+
+    def push_weights(self, weights: bytes | Path, model: str | None = None) -> schema.WeightsUpdate:
+        """As HttpTeacherClient.push_weights, over UpdateWeights: the file in WEIGHTS_CHUNK_BYTES pieces."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                reply = self._stub.UpdateWeights(
+                    _weights_chunks(weights, model or ""), metadata=self._metadata, timeout=self.timeout
+                )
+                return convert.weights_update_from_proto(reply)
+            except grpc.RpcError as e:
+                err = _error_for_rpc(e, f"UpdateWeights at {self.target}")
+                self._wait_or_raise(err, attempt, "UpdateWeights", e)
+
+    def reload_weights(self, path: str, model: str | None = None) -> schema.WeightsUpdate:
+        """As HttpTeacherClient.reload_weights, over ReloadWeights."""
+        request = pb.ReloadWeightsRequest(model=model or "", path=path)
+        return convert.weights_update_from_proto(self._call("ReloadWeights", request))
 
     def close(self) -> None:
         self._channel.close()
@@ -305,6 +327,21 @@ class _StreamFeed:
     def open_count(self) -> int:
         with self._lock:
             return len(self._open)
+
+
+def _weights_chunks(weights: bytes | Path, model: str) -> Iterator[pb.WeightsChunk]:
+    """A safetensors file as UpdateWeights chunks (the model named in the first), made anew per attempt."""
+    if isinstance(weights, bytes):
+        for start in range(0, max(1, len(weights)), WEIGHTS_CHUNK_BYTES):
+            yield pb.WeightsChunk(
+                model=model if start == 0 else "", data=weights[start : start + WEIGHTS_CHUNK_BYTES]
+            )
+        return
+    with open(weights, "rb") as f:
+        first = True
+        while (piece := f.read(WEIGHTS_CHUNK_BYTES)) or first:
+            yield pb.WeightsChunk(model=model if first else "", data=piece)
+            first = False
 
 
 def _open_channel(target: str | Seq[str]) -> grpc.Channel:

@@ -147,6 +147,23 @@ class HttpTeacherClient:
         chunk the similarity of the teacher's samples, the smoothed reward and the accepted tokens."""
         return wire.chunk_scores_from_body(self._call(wire.chunk_score_request(request), wire.body_or_error))
 
+    def push_weights(self, weights: bytes | Path, model: str | None = None) -> schema.WeightsUpdate:
+        """New weights for teacher `model` (default: the first): a safetensors file as bytes or a path,
+        holding all its tensors or only those that changed, in the dtype the teacher holds them
+        (ModelInfo.dtype). The service must run with --weight-updates. Returns the version now served.
+
+        With several replicas behind this client, each call updates one of them: push to each replica's
+        own URL to update them all."""
+        name = model or self.models()[0].name
+        return wire.weights_update_from_body(
+            self._call(wire.weights_request(name, weights), wire.body_or_error)
+        )
+
+    def reload_weights(self, path: str, model: str | None = None) -> schema.WeightsUpdate:
+        """New weights for teacher `model` from a safetensors file or directory on the service's machine."""
+        name = model or self.models()[0].name
+        return wire.weights_update_from_body(self._call(wire.reload_request(name, path), wire.body_or_error))
+
     def _call(
         self,
         request: wire.Request,
@@ -161,7 +178,11 @@ class HttpTeacherClient:
                 if streamed:
                     return decode(url)
                 response = self._http.request(
-                    request.method, url + request.path, json=request.body, headers={"Accept": request.accept}
+                    request.method,
+                    url + request.path,
+                    json=request.body,
+                    content=wire.content_of(request),
+                    headers=wire.content_headers(request),
                 )
                 return decode(request, response)
             except (OpdError, *wire.RETRYABLE_TRANSPORT) as error:
@@ -275,6 +296,17 @@ class AsyncHttpTeacherClient:
     async def chunk_score(self, request: schema.ChunkScoreRequest | dict) -> schema.ChunkScoreResponse:
         return wire.chunk_scores_from_body(await self._call(wire.chunk_score_request(request)))
 
+    async def push_weights(self, weights: bytes | Path, model: str | None = None) -> schema.WeightsUpdate:
+        """As HttpTeacherClient.push_weights (a path is read into memory first)."""
+        if isinstance(weights, Path):
+            weights = await asyncio.to_thread(weights.read_bytes)
+        name = model or (await self.models())[0].name
+        return wire.weights_update_from_body(await self._call(wire.weights_request(name, weights)))
+
+    async def reload_weights(self, path: str, model: str | None = None) -> schema.WeightsUpdate:
+        name = model or (await self.models())[0].name
+        return wire.weights_update_from_body(await self._call(wire.reload_request(name, path)))
+
     async def _call(
         self,
         request: wire.Request,
@@ -287,7 +319,11 @@ class AsyncHttpTeacherClient:
                 if streamed:
                     return await decode(url)
                 response = await self._http.request(
-                    request.method, url + request.path, json=request.body, headers={"Accept": request.accept}
+                    request.method,
+                    url + request.path,
+                    json=request.body,
+                    content=request.content if isinstance(request.content, bytes) else None,
+                    headers=wire.content_headers(request),
                 )
                 return decode(request, response)
             except (OpdError, *wire.RETRYABLE_TRANSPORT) as error:

@@ -7,8 +7,10 @@ share every decision and differ only in how they send a request and how they sle
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 from urllib.parse import quote
 
@@ -48,6 +50,7 @@ class Request:
     path: str
     body: dict | None = None
     accept: str = JSON
+    content: bytes | Path | None = None  # a binary body (a weight push) instead of the JSON one
 
     def __str__(self) -> str:
         return f"{self.method} {self.path}"
@@ -106,6 +109,38 @@ def score_request(
 def head_request(name: str) -> Request:
     """GET the safetensors bytes of teacher `name`'s output head (streamed; see opd_client.head_cache)."""
     return Request("GET", f"/v1/models/{quote(name, safe='')}/head", accept=OCTET_STREAM)
+
+
+def weights_request(name: str, weights: bytes | Path) -> Request:
+    """PUT a safetensors file (bytes, or a path streamed from disk) as teacher `name`'s new weights."""
+    return Request("PUT", f"/v1/models/{quote(name, safe='')}/weights", content=weights)
+
+
+def reload_request(name: str, path: str) -> Request:
+    body = schema.ReloadRequest(path=path).model_dump()
+    return Request("POST", f"/v1/models/{quote(name, safe='')}/reload", body)
+
+
+def content_of(request: Request) -> bytes | Iterator[bytes] | None:
+    """What httpx sends as the binary body: the bytes, or a file read in pieces (anew for every attempt)."""
+    if isinstance(request.content, Path):
+        return _file_pieces(request.content)
+    return request.content
+
+
+def _file_pieces(path: Path, size: int = HEAD_CHUNK_BYTES) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while piece := f.read(size):
+            yield piece
+
+
+def content_headers(request: Request) -> dict[str, str]:
+    headers = {"Accept": request.accept}
+    if request.content is not None:
+        headers["Content-Type"] = OCTET_STREAM
+        if isinstance(request.content, Path):
+            headers["Content-Length"] = str(request.content.stat().st_size)
+    return headers
 
 
 def chunk_score_request(req: schema.ChunkScoreRequest | dict) -> Request:
@@ -185,6 +220,10 @@ def token_ids_from_body(body: dict) -> list[int]:
 
 def chunk_scores_from_body(body: dict) -> schema.ChunkScoreResponse:
     return schema.ChunkScoreResponse.model_validate(body)
+
+
+def weights_update_from_body(body: dict) -> schema.WeightsUpdate:
+    return schema.WeightsUpdate.model_validate(body)
 
 
 # ---- retries ----------------------------------------------------------------------------------------

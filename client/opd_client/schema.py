@@ -100,6 +100,11 @@ class ScoreResponse(BaseModel):
     sequences: list[SequenceScores]
     usage: Usage
     hidden_dtype: str | None = Field(default=None, description="the dtype of `hidden`; null without it")
+    weights_version: int | None = Field(
+        default=None,
+        description="the teacher weights these numbers were computed with: 0 as loaded, +1 per live update "
+        "(PUT /v1/models/{name}/weights, POST .../reload)",
+    )
 
 
 class ModelInfo(BaseModel):
@@ -137,6 +142,14 @@ class ModelInfo(BaseModel):
         default=None,
         description="per request with return_hidden: scored tokens × hidden_size × bytes per value, summed "
         "over its sequences; null without hidden states",
+    )
+    weights_version: int | None = Field(
+        default=None,
+        description="the weights served now: 0 as loaded, +1 per live update; null for a black-box teacher",
+    )
+    max_weights_bytes: int | None = Field(
+        default=None,
+        description="the largest body PUT /v1/models/{name}/weights takes; null: live updates are off",
     )
 
 
@@ -269,6 +282,28 @@ class ChunkScoreResponse(BaseModel):
     model: str
     chunks: list[ChunkScore]
     usage: ApiUsage
+
+
+class ReloadRequest(_Strict):
+    """POST /v1/models/{name}/reload: new weights from a file or directory the service can read."""
+
+    path: StrictStr = Field(
+        description="absolute path of a .safetensors file or a directory of *.safetensors shards (all tensors "
+        "or some, named as in the model's state_dict)"
+    )
+
+
+class WeightsUpdate(BaseModel):
+    """The answer to a weight push or reload: the version now served."""
+
+    model: str
+    weights_version: int = Field(description="the version every later score answer names")
+    previous_version: int
+    tensors: int = Field(description="tensors the update gave")
+    bytes: int = Field(description="bytes of tensor data read")
+    source: str = Field(description='"push", or the reloaded path')
+    load_s: float = Field(description="seconds reading and checking the tensors (forwards went on meanwhile)")
+    swap_s: float = Field(description="seconds forwards waited while the new tensors were copied in")
 
 
 class ErrorDetail(BaseModel):

@@ -39,3 +39,6 @@ class ScoreResult:
     # The wire dtype of the sequences' hidden_T_D (the service's choice of the request's hidden_dtype or
     # the model's dtype); None without return_hidden.
     hidden_dtype: str | None = None
+    # The teacher weights these scores came from (0 as loaded, +1 per live update); None: not said (a
+    # black-box teacher, or a service older than live updates).
+    weights_version: int | None = None

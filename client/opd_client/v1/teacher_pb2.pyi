@@ -23,7 +23,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "revision", "vocab_size", "tokenizer_sha256", "max_top_k", "max_tokens", "max_sequence_len", "dtype", "device", "source", "black_box", "hidden_size", "head_sha256", "logit_scale", "final_logit_softcapping", "tokenizer_vocab_size", "max_hidden_bytes")
+    __slots__ = ("name", "revision", "vocab_size", "tokenizer_sha256", "max_top_k", "max_tokens", "max_sequence_len", "dtype", "device", "source", "black_box", "hidden_size", "head_sha256", "logit_scale", "final_logit_softcapping", "tokenizer_vocab_size", "max_hidden_bytes", "weights_version", "max_weights_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,8 @@ class ModelInfo(_message.Message):
     FINAL_LOGIT_SOFTCAPPING_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_HIDDEN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_WEIGHTS_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     revision: str
     vocab_size: int
@@ -58,7 +60,9 @@ class ModelInfo(_message.Message):
     final_logit_softcapping: float
     tokenizer_vocab_size: int
     max_hidden_bytes: int
-    def __init__(self, name: _Optional[str] = ..., revision: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_sha256: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_sequence_len: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., source: _Optional[str] = ..., black_box: _Optional[bool] = ..., hidden_size: _Optional[int] = ..., head_sha256: _Optional[str] = ..., logit_scale: _Optional[float] = ..., final_logit_softcapping: _Optional[float] = ..., tokenizer_vocab_size: _Optional[int] = ..., max_hidden_bytes: _Optional[int] = ...) -> None: ...
+    weights_version: int
+    max_weights_bytes: int
+    def __init__(self, name: _Optional[str] = ..., revision: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_sha256: _Optional[str] = ..., max_top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_sequence_len: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., source: _Optional[str] = ..., black_box: _Optional[bool] = ..., hidden_size: _Optional[int] = ..., head_sha256: _Optional[str] = ..., logit_scale: _Optional[float] = ..., final_logit_softcapping: _Optional[float] = ..., tokenizer_vocab_size: _Optional[int] = ..., max_hidden_bytes: _Optional[int] = ..., weights_version: _Optional[int] = ..., max_weights_bytes: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
@@ -127,14 +131,16 @@ class Usage(_message.Message):
     def __init__(self, scored_tokens: _Optional[int] = ..., forward_tokens: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("model", "sequences", "usage")
+    __slots__ = ("model", "sequences", "usage", "weights_version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceScores]
     usage: Usage
-    def __init__(self, model: _Optional[str] = ..., sequences: _Optional[_Iterable[_Union[SequenceScores, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    weights_version: int
+    def __init__(self, model: _Optional[str] = ..., sequences: _Optional[_Iterable[_Union[SequenceScores, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., weights_version: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("grpc_code", "http_status", "field", "message")
@@ -185,6 +191,42 @@ class HeadChunk(_message.Message):
     offset: int
     data: bytes
     def __init__(self, model: _Optional[str] = ..., sha256: _Optional[str] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class WeightsChunk(_message.Message):
+    __slots__ = ("model", "data")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    data: bytes
+    def __init__(self, model: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ReloadWeightsRequest(_message.Message):
+    __slots__ = ("model", "path")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    path: str
+    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class WeightsUpdate(_message.Message):
+    __slots__ = ("model", "weights_version", "previous_version", "tensors", "bytes", "source", "load_s", "swap_s")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_S_FIELD_NUMBER: _ClassVar[int]
+    SWAP_S_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    weights_version: int
+    previous_version: int
+    tensors: int
+    bytes: int
+    source: str
+    load_s: float
+    swap_s: float
+    def __init__(self, model: _Optional[str] = ..., weights_version: _Optional[int] = ..., previous_version: _Optional[int] = ..., tensors: _Optional[int] = ..., bytes: _Optional[int] = ..., source: _Optional[str] = ..., load_s: _Optional[float] = ..., swap_s: _Optional[float] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")

@@ -60,6 +60,16 @@ class TeacherStub:
                 request_serializer=opd__client_dot_v1_dot_teacher__pb2.GetHeadRequest.SerializeToString,
                 response_deserializer=opd__client_dot_v1_dot_teacher__pb2.HeadChunk.FromString,
                 _registered_method=True)
+        self.UpdateWeights = channel.stream_unary(
+                '/opd.v1.Teacher/UpdateWeights',
+                request_serializer=opd__client_dot_v1_dot_teacher__pb2.WeightsChunk.SerializeToString,
+                response_deserializer=opd__client_dot_v1_dot_teacher__pb2.WeightsUpdate.FromString,
+                _registered_method=True)
+        self.ReloadWeights = channel.unary_unary(
+                '/opd.v1.Teacher/ReloadWeights',
+                request_serializer=opd__client_dot_v1_dot_teacher__pb2.ReloadWeightsRequest.SerializeToString,
+                response_deserializer=opd__client_dot_v1_dot_teacher__pb2.WeightsUpdate.FromString,
+                _registered_method=True)
 
 
 class TeacherServicer:
@@ -105,6 +115,21 @@ class TeacherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateWeights(self, request_iterator, context):
+        """Replace some or all of a teacher's weights with a safetensors file sent in chunks (the model named
+        in the first). Checked before use; takes effect between two forwards; answers the new version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadWeights(self, request, context):
+        """The same from a safetensors file or directory of shards the service can read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TeacherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +157,16 @@ def add_TeacherServicer_to_server(servicer, server):
                     servicer.GetHead,
                     request_deserializer=opd__client_dot_v1_dot_teacher__pb2.GetHeadRequest.FromString,
                     response_serializer=opd__client_dot_v1_dot_teacher__pb2.HeadChunk.SerializeToString,
+            ),
+            'UpdateWeights': grpc.stream_unary_rpc_method_handler(
+                    servicer.UpdateWeights,
+                    request_deserializer=opd__client_dot_v1_dot_teacher__pb2.WeightsChunk.FromString,
+                    response_serializer=opd__client_dot_v1_dot_teacher__pb2.WeightsUpdate.SerializeToString,
+            ),
+            'ReloadWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadWeights,
+                    request_deserializer=opd__client_dot_v1_dot_teacher__pb2.ReloadWeightsRequest.FromString,
+                    response_serializer=opd__client_dot_v1_dot_teacher__pb2.WeightsUpdate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +305,60 @@ class Teacher:
             '/opd.v1.Teacher/GetHead',
             opd__client_dot_v1_dot_teacher__pb2.GetHeadRequest.SerializeToString,
             opd__client_dot_v1_dot_teacher__pb2.HeadChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWeights(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/opd.v1.Teacher/UpdateWeights',
+            opd__client_dot_v1_dot_teacher__pb2.WeightsChunk.SerializeToString,
+            opd__client_dot_v1_dot_teacher__pb2.WeightsUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opd.v1.Teacher/ReloadWeights',
+            opd__client_dot_v1_dot_teacher__pb2.ReloadWeightsRequest.SerializeToString,
+            opd__client_dot_v1_dot_teacher__pb2.WeightsUpdate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,6 +16,7 @@ from opd_teacher.backends.base import Backend
 from opd_teacher.backends.hf import HFBackend, HFLimits
 from opd_teacher.batcher import BatchLimits
 from opd_teacher.blackbox.api_client import PREFILL_MODES, ApiLimits
+from opd_teacher.weight_updates import WeightLimits
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -102,6 +103,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_dataclass_flags(p, HFLimits, defaults_from_cls=True)  # request limits and scoring
     add_deprecated_alias(p, "--score-chunk-tokens", "--logits-block-tokens")  # its former name
     add_dataclass_flags(p, BatchLimits, defaults_from_cls=True)
+    live = p.add_argument_group("live weight updates (PUT /v1/models/NAME/weights, POST .../reload)")
+    add_dataclass_flags(live, WeightLimits, defaults_from_cls=True)
     p.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests after SIGTERM"
     )
@@ -160,6 +163,7 @@ def main(args: argparse.Namespace) -> None:
         api_keys=read_api_keys(args.api_key_file),
         drain_timeout_s=args.drain_timeout,
         batch=batch,
+        weights=dataclass_from_args(WeightLimits, args),
     )
     asyncio.run(serve(config, loaders))
 

@@ -10,22 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from opd_client import schema
-from opd_client.errors import InvalidRequest, NotFound, Overloaded, Unavailable
+from opd_client.errors import Forbidden, InvalidRequest, NotFound, Overloaded, Unavailable
 from opd_client.scores import ScoreResult
 from opd_teacher import metrics
 from opd_teacher.backends.base import Backend
 from opd_teacher.batcher import Batcher, BatchLimits
 from opd_teacher.validate import hidden_dtype, validate_score_request
+from opd_teacher.weight_updates import WeightLimits, body_limit
 
-if TYPE_CHECKING:  # generate imports torch; the engine itself does not need it
+if TYPE_CHECKING:  # generate and live_weights import torch; the engine itself does not need it
     from opd_teacher.backends.generate import Sample, SamplingParams
+    from opd_teacher.backends.live_weights import LiveWeights, StagedWeights
 
+
+log = logging.getLogger(__name__)
 
 # Generations waiting for their turn (or running) beyond which new ones are refused (429): they run one at
 # a time, so a longer queue only adds latency.
@@ -33,23 +39,44 @@ MAX_WAITING_GENERATIONS = 64
 
 
 def _run_batch(name: str, backend: Backend, key: tuple[int, float, bool], items: list) -> list:
-    """One batch on the forward thread. The key is (top_k, temperature, ranks): a forward scores all alike."""
+    """One batch on the forward thread. The key is (top_k, temperature, ranks): a forward scores all alike.
+
+    Each result comes with the weights version it was computed with: read here, on the thread where
+    updates are applied, so no update can fall inside the batch."""
     top_k, temperature, ranks = key
+    weights = getattr(backend, "weights", None)
+    version = weights.version if weights is not None else None
     if ranks:  # only the OpenAI endpoints' prompt_logprobs ask for ranks (an extra pass over the logits)
         results = backend.score(items, top_k, temperature, ranks=True)
     else:
         results = backend.score(items, top_k, temperature)
     metrics.FORWARD_TOKENS.labels(name).inc(backend.last_forward_tokens)
-    return results
+    return [(version, scores) for scores in results]
+
+
+def _apply_weights(backend: Backend, staged: StagedWeights) -> tuple[int, float]:
+    """On the forward thread, between two batches: the new weights, the served head and the model's record
+    change together. (new version, seconds the forwards waited)."""
+    started = time.perf_counter()
+    weights: LiveWeights = backend.weights  # type: ignore[attr-defined]
+    version = weights.apply(staged)
+    update: dict = {"weights_version": version}
+    if staged.head is not None:
+        backend.head = staged.head
+        update["head_sha256"] = staged.head.sha256
+    backend.info = backend.info.model_copy(update=update)
+    return version, time.perf_counter() - started
 
 
 class TeacherEngine:
     """Starts empty so the service can answer health checks while weights load; add_backend() fills it."""
 
-    def __init__(self, limits: BatchLimits | None = None) -> None:
+    def __init__(self, limits: BatchLimits | None = None, weight_limits: WeightLimits | None = None) -> None:
         self.backends: dict[str, Backend] = {}
         self.batchers: dict[str, Batcher] = {}
         self.limits = limits or BatchLimits()
+        self.weight_limits = weight_limits or WeightLimits()
+        self._weights_turn = asyncio.Lock()  # one weight update at a time
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-forward")
         self.loaded = False
         self.draining = False
@@ -76,6 +103,14 @@ class TeacherEngine:
     def add_backend(self, name: str, backend: Backend) -> None:
         if name in self.backends:
             raise ValueError(f"two teachers are named {name!r}; give each --model a distinct ALIAS=")
+        weights = getattr(backend, "weights", None)
+        if weights is not None:  # a white-box model: its record says which weights it serves
+            updates = self.weight_limits.weight_updates
+            limit = body_limit(self.weight_limits, weights.nbytes) if updates else None
+            backend.info = backend.info.model_copy(
+                update={"weights_version": weights.version, "max_weights_bytes": limit}
+            )
+            metrics.WEIGHTS_VERSION.labels(name).set(weights.version)
         self.backends[name] = backend
         self.batchers[name] = Batcher(name, partial(_run_batch, name, backend), self._executor, self.limits)
 
@@ -119,11 +154,12 @@ class TeacherEngine:
         forward = sum(it.forward_len for it in items)
         metrics.INFLIGHT.labels(name).inc()
         try:
-            sequences = await self.batchers[name].submit(
-                (top_k, temperature, ranks), items, forward, deadline
-            )
+            results = await self.batchers[name].submit((top_k, temperature, ranks), items, forward, deadline)
         finally:
             metrics.INFLIGHT.labels(name).dec()
+        # One job runs in one batch, so all its results share one version.
+        sequences = [scores for _, scores in results]
+        version = results[0][0] if results else None
         metrics.SCORE_SECONDS.labels(name).observe(time.perf_counter() - started)
         scored = sum(len(it.completion_ids) for it in items)
         metrics.SCORED_TOKENS.labels(name).inc(scored)
@@ -133,6 +169,71 @@ class TeacherEngine:
             scored_tokens=scored,
             forward_tokens=forward,
             hidden_dtype=hidden_dtype(req, backend.info),  # the faces encode hidden_T_D in it
+            weights_version=version,
+        )
+
+    # ---- live weight updates (weight_updates.py, backends/live_weights.py) --------------------------------
+
+    def weights_body_limit(self, name: str | None) -> int:
+        """The most bytes a push to `name` may hold; refuses (404, 403, 400) before any byte is read."""
+        backend = self.backend(name)
+        if not self.weight_limits.weight_updates:
+            raise Forbidden(
+                "live weight updates are off on this service; start it with --weight-updates", field="name"
+            )
+        weights = getattr(backend, "weights", None)
+        if weights is None:
+            raise InvalidRequest(
+                f"teacher {backend.info.name!r} has no weights here to update (a black-box API teacher)",
+                field="name",
+            )
+        return body_limit(self.weight_limits, weights.nbytes)
+
+    async def update_weights(
+        self, name: str | None, files: list[Path], source: str, field: str
+    ) -> schema.WeightsUpdate:
+        """Replace `name`'s weights with the tensors in `files`: checked and read while forwards go on, then
+        swapped on the forward thread between two batches (and never during a generation, which would mix
+        two versions in one answer). A refused update changes nothing."""
+        self.weights_body_limit(name)
+        backend = self.backend(name)
+        weights: LiveWeights = backend.weights  # type: ignore[attr-defined]
+        model = backend.info.name
+        with self._working():
+            async with self._weights_turn:
+                try:
+                    staged = await asyncio.to_thread(weights.stage, files, source, field)
+                except Exception as e:
+                    metrics.WEIGHT_UPDATES.labels(model, "refused").inc()
+                    log.warning("%s: weight update from %s refused: %s", model, source, e)
+                    raise
+                previous = weights.version
+                loop = asyncio.get_running_loop()
+                async with self._generation_turn:
+                    version, swap_s = await loop.run_in_executor(
+                        self._executor, _apply_weights, backend, staged
+                    )
+        metrics.WEIGHT_UPDATES.labels(model, "applied").inc()
+        metrics.WEIGHTS_VERSION.labels(model).set(version)
+        log.info(
+            "%s: weights version %d from %s (%d tensors, %.1f MB; read and checked in %.2f s, swapped in %.3f s)",
+            model,
+            version,
+            source,
+            len(staged.names),
+            staged.nbytes / 1e6,
+            staged.load_s,
+            swap_s,
+        )
+        return schema.WeightsUpdate(
+            model=model,
+            weights_version=version,
+            previous_version=previous,
+            tensors=len(staged.names),
+            bytes=staged.nbytes,
+            source=source,
+            load_s=staged.load_s,
+            swap_s=swap_s,
         )
 
     async def generate(self, name: str, prompt_ids: list[int], params: SamplingParams) -> list[Sample]:

@@ -17,13 +17,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
 from opd_client import convert
-from opd_client.errors import NotFound, OpdError, TooManyTokens, Unavailable
+from opd_client.errors import InvalidRequest, NotFound, OpdError, TooManyTokens, Unavailable
 from opd_client.grpc_client import MAX_MESSAGE_BYTES
 from opd_client.v1 import teacher_pb2 as pb
 from opd_client.v1 import teacher_pb2_grpc as pb_grpc
 from opd_teacher import metrics
 from opd_teacher.engine import TeacherEngine
 from opd_teacher.pydantic_errors import validation_failed
+from opd_teacher.weight_updates import WeightsSpool, reload_files
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,40 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         for offset, data in export.chunks(HEAD_CHUNK_BYTES):
             yield pb.HeadChunk(model=name, sha256=export.sha256, total_bytes=total, offset=offset, data=data)
         _observe("GetHead", "OK", started)
+
+    async def UpdateWeights(
+        self, request_iterator: AsyncIterator[pb.WeightsChunk], context: grpc.aio.ServicerContext
+    ) -> pb.WeightsUpdate:
+        """HTTP's PUT /v1/models/{name}/weights: the chunks spooled to disk, then engine.update_weights."""
+
+        async def update() -> pb.WeightsUpdate:
+            chunks = request_iterator.__aiter__()
+            first = await anext(chunks, None)
+            if first is None:
+                raise InvalidRequest("UpdateWeights got no chunks; send the safetensors bytes", field="data")
+            name = first.model or None
+            limit = self.engine.weights_body_limit(name)
+            with WeightsSpool(limit, self.engine.weight_limits.weights_spool_dir) as spool:
+                await spool.write(first.data)
+                async for chunk in chunks:
+                    await spool.write(chunk.data)
+                path = await spool.finish()
+                update = await self.engine.update_weights(name, [path], "push", "data")
+            return convert.weights_update_to_proto(update)
+
+        return await _unary("UpdateWeights", context, update)
+
+    async def ReloadWeights(
+        self, request: pb.ReloadWeightsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WeightsUpdate:
+        async def reload() -> pb.WeightsUpdate:
+            name = request.model or None
+            self.engine.weights_body_limit(name)
+            files = reload_files(request.path, self.engine.weight_limits.reload_root)
+            update = await self.engine.update_weights(name, files, request.path, "path")
+            return convert.weights_update_to_proto(update)
+
+        return await _unary("ReloadWeights", context, reload)
 
     async def ScoreStream(
         self, request_iterator: AsyncIterator[pb.ScoreStreamRequest], context: grpc.aio.ServicerContext

@@ -49,3 +49,7 @@ GENERATED_TOKENS = Counter(
 )
 INFLIGHT = Gauge("opd_inflight_requests", "Score requests being processed or waiting", ["model"])
 READY = Gauge("opd_ready", "1 when the service is ready to score")
+WEIGHT_UPDATES = Counter(
+    "opd_weight_updates_total", "Live weight updates (pushes and reloads) by outcome", ["model", "outcome"]
+)
+WEIGHTS_VERSION = Gauge("opd_weights_version", "The weights version served now (0 as loaded)", ["model"])

@@ -20,6 +20,7 @@ from opd_teacher.backends.base import Backend
 from opd_teacher.batcher import BatchLimits
 from opd_teacher.engine import TeacherEngine
 from opd_teacher.http.app import create_app
+from opd_teacher.weight_updates import WeightLimits
 
 log = logging.getLogger("opd_teacher")
 HTTP_FLUSH_S = 5  # seconds after the drain for uvicorn to write the last responses and close (an int)
@@ -33,6 +34,7 @@ class ServerConfig:
     api_keys: set[str] = field(default_factory=set)
     drain_timeout_s: float = 30.0
     batch: BatchLimits = field(default_factory=BatchLimits)
+    weights: WeightLimits = field(default_factory=WeightLimits)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -44,7 +46,7 @@ class _Uvicorn(uvicorn.Server):
 
 
 async def serve(config: ServerConfig, loaders: dict[str, Callable[[], Backend]]) -> None:
-    engine = TeacherEngine(config.batch)
+    engine = TeacherEngine(config.batch, config.weights)
     http = _Uvicorn(
         uvicorn.Config(
             create_app(engine, config.api_keys),

@@ -85,9 +85,16 @@ def export_head(model: PreTrainedModel, probe_ids: list[int]) -> tuple[HeadExpor
     why_not = check_formula(model, scale, cap, probe_ids)
     if why_not:
         return None, why_not
+    return head_from_tensors(weight, lm_head.bias, scale, cap), None
+
+
+def head_from_tensors(
+    weight: torch.Tensor, bias: torch.Tensor | None, scale: float, cap: float | None
+) -> HeadExport:
+    """The served bytes of a head with these tensors (also after a live weight update changed them)."""
     tensors = {"weight": weight.detach().to("cpu").contiguous()}
-    if lm_head.bias is not None:
-        tensors["bias"] = lm_head.bias.detach().to("cpu").contiguous()
+    if bias is not None:
+        tensors["bias"] = bias.detach().to("cpu").contiguous()
     data = save(tensors)
     return HeadExport(
         data=data,
@@ -96,7 +103,7 @@ def export_head(model: PreTrainedModel, probe_ids: list[int]) -> tuple[HeadExpor
         vocab_size=int(weight.shape[0]),
         logit_scale=scale,
         final_logit_softcapping=cap,
-    ), None
+    )
 
 
 @torch.inference_mode()

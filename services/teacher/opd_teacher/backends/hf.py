@@ -24,6 +24,7 @@ from opd_common.embedded import resolve_model
 from opd_teacher.backends.base import ScoreItem
 from opd_teacher.backends.generate import Generation, SamplingParams
 from opd_teacher.backends.head import MAX_HIDDEN_BYTES, export_head, logit_scale_of, softcap_of
+from opd_teacher.backends.live_weights import LiveWeights
 from opd_teacher.backends.plan import plan_score
 from opd_teacher.backends.prefix_cache import NoPrefixReuse, Prefix
 from opd_teacher.backends.results import RankedScores, hidden_rows, pad_cat, split_scores  # noqa: F401
@@ -122,6 +123,7 @@ class HFBackend:
             tokenizer_vocab_size=len(self.tokenizer),
             max_hidden_bytes=MAX_HIDDEN_BYTES if self.head else None,
         )
+        self.weights = LiveWeights(self.model, self.head)  # live updates: engine.update_weights
         self._cache_kwarg = _cache_kwarg(self.model.base_model)
         self.prefix_reuse = False
         if limits.prefix_reuse:

@@ -23,6 +23,7 @@ from opd_teacher.http.head import head_router
 from opd_teacher.http.openai_compat import openai_router
 from opd_teacher.http.sglang_compat import sglang_router
 from opd_teacher.http.vllm_generate import vllm_generate_router
+from opd_teacher.http.weights import weights_router
 
 _ERRORS: dict[int | str, dict[str, Any]] = {  # FastAPI's type for `responses`
     400: {"model": schema.ErrorBody},
@@ -192,6 +193,8 @@ def create_app(engine: TeacherEngine, api_keys: set[str] | None = None) -> FastA
     app.include_router(chunk_score_router(engine, _until_disconnect))
     # /v1/models/{name}/head: the output head for trainers that score from hidden states (return_hidden)
     app.include_router(head_router(engine))
+    # PUT /v1/models/{name}/weights, POST /v1/models/{name}/reload: live weight updates (--weight-updates)
+    app.include_router(weights_router(engine))
 
     if api_keys:
         app.add_middleware(BearerAuth, api_keys=api_keys)
