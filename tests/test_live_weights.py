@@ -383,3 +383,24 @@ def test_the_models_record_names_the_version(service, http):
         f"{service.http_url}/v1/models", headers={"Authorization": f"Bearer {service.api_key}"}
     ).json()["data"]
     assert card["weights_version"] == version(http) and card["max_weights_bytes"] > 0
+
+
+def test_the_async_client_pushes_bytes_and_files(service, http, tiny_model_dir, initial, tmp_path):
+    import asyncio
+
+    from opd_client.http_client import AsyncHttpTeacherClient
+
+    weights = perturbed(initial, seed=5)
+    (tmp_path / "w.safetensors").write_bytes(save(weights))
+
+    async def go() -> list[int]:
+        async with AsyncHttpTeacherClient(service.http_url, api_key=service.api_key, retry=NO_RETRY) as c:
+            first = await c.push_weights(save(initial), model="tiny")
+            second = await c.push_weights(tmp_path / "w.safetensors")  # the default teacher: tiny
+            return [first.weights_version, second.weights_version]
+
+    first, second = asyncio.run(go())
+    assert second == first + 1 == version(http)
+    assert (
+        max_diff(http.score(SEQUENCES, top_k=TOP_K, model="tiny"), reference(tiny_model_dir, weights)) <= TOL
+    )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -298,7 +298,7 @@ class AsyncHttpTeacherClient:
 
     async def push_weights(self, weights: bytes | Path, model: str | None = None) -> schema.WeightsUpdate:
         """As HttpTeacherClient.push_weights (a path is read into memory first)."""
-        if isinstance(weights, Path):
+        if isinstance(weights, Path):  # the async transport takes async pieces; bytes keep this simple
             weights = await asyncio.to_thread(weights.read_bytes)
         name = model or (await self.models())[0].name
         return wire.weights_update_from_body(await self._call(wire.weights_request(name, weights)))
@@ -322,7 +322,7 @@ class AsyncHttpTeacherClient:
                     request.method,
                     url + request.path,
                     json=request.body,
-                    content=request.content if isinstance(request.content, bytes) else None,
+                    content=_async_pieces(request),
                     headers=wire.content_headers(request),
                 )
                 return decode(request, response)
@@ -343,3 +343,16 @@ class AsyncHttpTeacherClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _async_pieces(request: wire.Request) -> AsyncIterator[bytes] | None:
+    """The async transport's binary body: wire.content_of's pieces as an async iterator."""
+    pieces = wire.content_of(request)
+    if pieces is None:
+        return None
+
+    async def agen() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    return agen()

@@ -42,6 +42,8 @@ ScoreFormat = Literal["protobuf", "binary", "json"]
 OCTET_STREAM = "application/octet-stream"
 # A head's bytes arrive in pieces of this size (the service streams 4 MiB chunks).
 HEAD_CHUNK_BYTES = 1 << 22
+# A binary request body (a weight push) leaves in pieces of this size (content_of says why).
+BODY_PIECE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -121,25 +123,40 @@ def reload_request(name: str, path: str) -> Request:
     return Request("POST", f"/v1/models/{quote(name, safe='')}/reload", body)
 
 
-def content_of(request: Request) -> bytes | Iterator[bytes] | None:
-    """What httpx sends as the binary body: the bytes, or a file read in pieces (anew for every attempt)."""
+def content_of(request: Request) -> Iterator[bytes] | None:
+    """What httpx sends as the binary body, in pieces made anew for every attempt.
+
+    Never one big bytes object: httpcore's blocking write keeps `buffer = buffer[n:]` after each partial
+    send, which copies the rest of the body every time (measured: a 400 MB body took 15 s over loopback
+    in one piece, 0.3 s in 1 MiB pieces)."""
     if isinstance(request.content, Path):
         return _file_pieces(request.content)
-    return request.content
+    if request.content is not None:
+        return _byte_pieces(request.content)
+    return None
 
 
-def _file_pieces(path: Path, size: int = HEAD_CHUNK_BYTES) -> Iterator[bytes]:
+def _byte_pieces(data: bytes) -> Iterator[bytes]:
+    view = memoryview(data)
+    for start in range(0, len(data), BODY_PIECE_BYTES):
+        yield bytes(view[start : start + BODY_PIECE_BYTES])
+
+
+def _file_pieces(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as f:
-        while piece := f.read(size):
+        while piece := f.read(BODY_PIECE_BYTES):
             yield piece
 
 
 def content_headers(request: Request) -> dict[str, str]:
+    """Accept, and for a binary body its type and length (sent in pieces, it is not chunked)."""
     headers = {"Accept": request.accept}
+    if isinstance(request.content, Path):
+        headers["Content-Length"] = str(request.content.stat().st_size)
+    elif request.content is not None:
+        headers["Content-Length"] = str(len(request.content))
     if request.content is not None:
         headers["Content-Type"] = OCTET_STREAM
-        if isinstance(request.content, Path):
-            headers["Content-Length"] = str(request.content.stat().st_size)
     return headers
 
 

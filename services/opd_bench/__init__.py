@@ -8,6 +8,8 @@
 - gpu_check.py  the prepared accelerator check: real-size random models, service vs raw, one trainer step
               (`opd bench gpu`, scripts/gpu_check.sh; gpu_models.py builds the models, check_parts.py
               runs the parts under a time budget)
+- weight_push.py  a live weight update of the default student over loopback, HTTP and gRPC
+              (`opd bench weight-push`)
 
 Benchmarks may import both services (they measure them); neither service imports this package.
 """

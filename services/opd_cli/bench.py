@@ -6,7 +6,16 @@ from __future__ import annotations
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmarks (results in docs/benchmarks.md)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    from opd_bench import generation_latency, gpu_check, limits, memory, scale, serve, train_memory
+    from opd_bench import (
+        generation_latency,
+        gpu_check,
+        limits,
+        memory,
+        scale,
+        serve,
+        train_memory,
+        weight_push,
+    )
     from opd_bench.compare import runner as compare
 
     memory.register(bench)
@@ -17,3 +26,4 @@ def register(subparsers) -> None:
     generation_latency.register(bench)
     limits.register(bench)
     gpu_check.register(bench)
+    weight_push.register(bench)
