@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from opd_client import convert, head_cache, schema
+from opd_client import convert, convert_text, head_cache, schema
 from opd_client.base import SequenceLike, make_score_request
 from opd_client.endpoints import grpc_target
 from opd_client.errors import OpdError, TooManyTokens, error_for_grpc
@@ -164,6 +164,11 @@ class GrpcTeacherClient:
         return convert.chunk_response_from_proto(
             self._call("ChunkScore", convert.chunk_request_to_proto(req))
         )
+
+    def score_text(self, request: schema.ScoreTextRequest | dict) -> schema.ScoreTextResponse:
+        """Scoring by text (ScoreText); the same answer as HTTP's POST /v1/score-text."""
+        req = request if isinstance(request, schema.ScoreTextRequest) else schema.ScoreTextRequest(**request)
+        return convert_text.response_from_proto(self._call("ScoreText", convert_text.request_to_proto(req)))
 
     def push_weights(self, weights: bytes | Path, model: str | None = None) -> schema.WeightsUpdate:
         """As HttpTeacherClient.push_weights, over UpdateWeights: the file in WEIGHTS_CHUNK_BYTES pieces."""

@@ -147,6 +147,14 @@ class HttpTeacherClient:
         chunk the similarity of the teacher's samples, the smoothed reward and the accepted tokens."""
         return wire.chunk_scores_from_body(self._call(wire.chunk_score_request(request), wire.body_or_error))
 
+    def score_text(self, request: schema.ScoreTextRequest | dict) -> schema.ScoreTextResponse:
+        """The teacher's logprobs of its own tokens of each completion text (POST /v1/score-text): per
+        teacher token its logprob, byte span in the completion and, with top_k, top-k as strings."""
+        req = request if isinstance(request, schema.ScoreTextRequest) else schema.ScoreTextRequest(**request)
+        body = req.model_dump(exclude_none=True)
+        answer = self._call(wire.Request("POST", "/v1/score-text", body), wire.body_or_error)
+        return schema.ScoreTextResponse.model_validate(answer)
+
     def push_weights(self, weights: bytes | Path, model: str | None = None) -> schema.WeightsUpdate:
         """New weights for teacher `model` (default: the first): a safetensors file as bytes or a path,
         holding all its tensors or only those that changed, in the dtype the teacher holds them

@@ -284,6 +284,65 @@ class ChunkScoreResponse(BaseModel):
     usage: ApiUsage
 
 
+class TextSequence(_Strict):
+    """One prompt + completion as text, for a teacher whose tokenizer may differ from the caller's."""
+
+    messages: list[ChatMessage] | None = Field(
+        default=None,
+        description="the prompt as a chat, rendered with the teacher's own chat template and its "
+        "generation prompt (exactly one of messages and prompt)",
+    )
+    prompt: StrictStr | None = Field(
+        default=None,
+        description="the prompt as raw text, tokenized as is with the tokenizer's BOS if it adds one",
+    )
+    completion: StrictStr = Field(description="the text to score; the teacher tokenizes it its own way")
+    completion_ends: StrictBool = Field(
+        default=False,
+        description="the completion ends the teacher's turn: its end-of-turn token (the one its chat template "
+        "closes a turn with, else EOS) is appended and scored, with the empty byte span [n, n) at the end",
+    )
+
+
+class ScoreTextRequest(_Strict):
+    """POST /v1/score-text, gRPC ScoreText: the teacher's logprobs of its own tokens of each completion."""
+
+    model: StrictStr | None = Field(default=None, description="teacher name; default: the first one")
+    sequences: list[TextSequence]
+    top_k: StrictInt = Field(
+        default=0, description="also the top-k tokens per position, as strings (0: none)"
+    )
+    temperature: StrictFloat | StrictInt | None = Field(default=None, description="default 1.0")
+
+
+class TextSequenceScores(BaseModel):
+    """Per teacher token t of the completion (T of them, the end-of-turn token last if asked)."""
+
+    token_ids: list[int] = Field(description="[T] the teacher's token ids")
+    tokens: list[str] = Field(
+        description="[T] each token's text (a special token by its name; a piece of a multi-byte character "
+        "holds U+FFFD)"
+    )
+    token_logprobs: list[float] = Field(description="[T] the teacher's logprob of each token")
+    byte_spans: list[list[int]] = Field(
+        description="[T][2] each token's [start, end) in the completion's UTF-8 bytes; they tile "
+        "[0, completion_bytes) in order, each byte in exactly one token (special tokens: empty spans)"
+    )
+    completion_bytes: int = Field(description="len(completion.encode('utf-8'))")
+    prompt_tokens: int = Field(description="the teacher's tokens of the prompt")
+    top_tokens: list[list[str]] | None = Field(
+        default=None, description="[T][K] as strings, most likely first"
+    )
+    top_logprobs: list[list[float]] | None = Field(default=None, description="[T][K]")
+    tail_logprobs: list[float] | None = Field(default=None, description="[T] log(1 - sum of top-k p), finite")
+
+
+class ScoreTextResponse(BaseModel):
+    model: str
+    sequences: list[TextSequenceScores]
+    usage: Usage
+
+
 class ReloadRequest(_Strict):
     """POST /v1/models/{name}/reload: new weights from a file or directory the service can read."""
 

@@ -335,3 +335,63 @@ class ChunkScoreResponse(_message.Message):
     chunks: _containers.RepeatedCompositeFieldContainer[ChunkScore]
     usage: ApiUsage
     def __init__(self, model: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[ChunkScore, _Mapping]]] = ..., usage: _Optional[_Union[ApiUsage, _Mapping]] = ...) -> None: ...
+
+class TextSequence(_message.Message):
+    __slots__ = ("messages", "prompt", "completion", "completion_ends")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_ENDS_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    prompt: str
+    completion: str
+    completion_ends: bool
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt: _Optional[str] = ..., completion: _Optional[str] = ..., completion_ends: _Optional[bool] = ...) -> None: ...
+
+class ScoreTextRequest(_message.Message):
+    __slots__ = ("model", "sequences", "top_k", "temperature")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    sequences: _containers.RepeatedCompositeFieldContainer[TextSequence]
+    top_k: int
+    temperature: float
+    def __init__(self, model: _Optional[str] = ..., sequences: _Optional[_Iterable[_Union[TextSequence, _Mapping]]] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
+
+class TextSequenceScores(_message.Message):
+    __slots__ = ("token_ids", "tokens", "token_logprobs", "byte_starts", "byte_ends", "completion_bytes", "prompt_tokens", "top_k", "top_tokens", "top_logprobs", "tail_logprobs")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    BYTE_STARTS_FIELD_NUMBER: _ClassVar[int]
+    BYTE_ENDS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    token_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    byte_starts: _containers.RepeatedScalarFieldContainer[int]
+    byte_ends: _containers.RepeatedScalarFieldContainer[int]
+    completion_bytes: int
+    prompt_tokens: int
+    top_k: int
+    top_tokens: _containers.RepeatedScalarFieldContainer[str]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    tail_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., byte_starts: _Optional[_Iterable[int]] = ..., byte_ends: _Optional[_Iterable[int]] = ..., completion_bytes: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., top_k: _Optional[int] = ..., top_tokens: _Optional[_Iterable[str]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., tail_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ScoreTextResponse(_message.Message):
+    __slots__ = ("model", "sequences", "usage")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    sequences: _containers.RepeatedCompositeFieldContainer[TextSequenceScores]
+    usage: Usage
+    def __init__(self, model: _Optional[str] = ..., sequences: _Optional[_Iterable[_Union[TextSequenceScores, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...

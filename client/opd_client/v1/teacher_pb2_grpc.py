@@ -60,6 +60,11 @@ class TeacherStub:
                 request_serializer=opd__client_dot_v1_dot_teacher__pb2.GetHeadRequest.SerializeToString,
                 response_deserializer=opd__client_dot_v1_dot_teacher__pb2.HeadChunk.FromString,
                 _registered_method=True)
+        self.ScoreText = channel.unary_unary(
+                '/opd.v1.Teacher/ScoreText',
+                request_serializer=opd__client_dot_v1_dot_teacher__pb2.ScoreTextRequest.SerializeToString,
+                response_deserializer=opd__client_dot_v1_dot_teacher__pb2.ScoreTextResponse.FromString,
+                _registered_method=True)
         self.UpdateWeights = channel.stream_unary(
                 '/opd.v1.Teacher/UpdateWeights',
                 request_serializer=opd__client_dot_v1_dot_teacher__pb2.WeightsChunk.SerializeToString,
@@ -115,6 +120,15 @@ class TeacherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScoreText(self, request, context):
+        """Score text: the teacher tokenizes each completion its own way and returns, per teacher token, its
+        logprob, its byte span in the completion and optionally its top-k as strings (cross-tokenizer
+        distillation: the caller's tokenizer may differ from the teacher's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UpdateWeights(self, request_iterator, context):
         """Replace some or all of a teacher's weights with a safetensors file sent in chunks (the model named
         in the first). Checked before use; takes effect between two forwards; answers the new version.
@@ -157,6 +171,11 @@ def add_TeacherServicer_to_server(servicer, server):
                     servicer.GetHead,
                     request_deserializer=opd__client_dot_v1_dot_teacher__pb2.GetHeadRequest.FromString,
                     response_serializer=opd__client_dot_v1_dot_teacher__pb2.HeadChunk.SerializeToString,
+            ),
+            'ScoreText': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScoreText,
+                    request_deserializer=opd__client_dot_v1_dot_teacher__pb2.ScoreTextRequest.FromString,
+                    response_serializer=opd__client_dot_v1_dot_teacher__pb2.ScoreTextResponse.SerializeToString,
             ),
             'UpdateWeights': grpc.stream_unary_rpc_method_handler(
                     servicer.UpdateWeights,
@@ -305,6 +324,33 @@ class Teacher:
             '/opd.v1.Teacher/GetHead',
             opd__client_dot_v1_dot_teacher__pb2.GetHeadRequest.SerializeToString,
             opd__client_dot_v1_dot_teacher__pb2.HeadChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreText(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opd.v1.Teacher/ScoreText',
+            opd__client_dot_v1_dot_teacher__pb2.ScoreTextRequest.SerializeToString,
+            opd__client_dot_v1_dot_teacher__pb2.ScoreTextResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
-from opd_client import convert
+from opd_client import convert, convert_text
 from opd_client.errors import InvalidRequest, NotFound, OpdError, TooManyTokens, Unavailable
 from opd_client.grpc_client import MAX_MESSAGE_BYTES
 from opd_client.v1 import teacher_pb2 as pb
@@ -24,6 +24,7 @@ from opd_client.v1 import teacher_pb2_grpc as pb_grpc
 from opd_teacher import metrics
 from opd_teacher.engine import TeacherEngine
 from opd_teacher.pydantic_errors import validation_failed
+from opd_teacher.text_scoring import score_text
 from opd_teacher.weight_updates import WeightsSpool, reload_files
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,18 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             return convert.chunk_response_to_proto(await self.engine.chunk_score(req))
 
         return await _unary("ChunkScore", context, chunk_score)
+
+    async def ScoreText(
+        self, request: pb.ScoreTextRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreTextResponse:
+        async def score() -> pb.ScoreTextResponse:
+            try:
+                req = convert_text.request_from_proto(request)
+            except ValidationError as e:
+                raise validation_failed(e.errors()) from e
+            return convert_text.response_to_proto(await score_text(self.engine, req, _deadline(context)))
+
+        return await _unary("ScoreText", context, score)
 
     async def GetHead(
         self, request: pb.GetHeadRequest, context: grpc.aio.ServicerContext

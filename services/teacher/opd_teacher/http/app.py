@@ -21,6 +21,7 @@ from opd_teacher.http.chunk_score import chunk_score_router
 from opd_teacher.http.errors import ClientGone, install_error_handlers
 from opd_teacher.http.head import head_router
 from opd_teacher.http.openai_compat import openai_router
+from opd_teacher.http.score_text import score_text_router
 from opd_teacher.http.sglang_compat import sglang_router
 from opd_teacher.http.vllm_generate import vllm_generate_router
 from opd_teacher.http.weights import weights_router
@@ -193,6 +194,8 @@ def create_app(engine: TeacherEngine, api_keys: set[str] | None = None) -> FastA
     app.include_router(chunk_score_router(engine, _until_disconnect))
     # /v1/models/{name}/head: the output head for trainers that score from hidden states (return_hidden)
     app.include_router(head_router(engine))
+    # /v1/score-text: scoring by text, for trainers with another tokenizer (cross-tokenizer distillation)
+    app.include_router(score_text_router(engine, _until_disconnect, deadline_from))
     # PUT /v1/models/{name}/weights, POST /v1/models/{name}/reload: live weight updates (--weight-updates)
     app.include_router(weights_router(engine))
 
