@@ -77,6 +77,14 @@ class TrainConfig:
     distill_temperature: float = 1.0
     discount: float = 0.0  # reverse_kl: γ of the return-to-go advantage (0: per-token reward)
     gkd_lambda: float = 1.0  # probability a step uses on-policy rollouts; else `dataset` sequences
+    # --- a teacher with another tokenizer (docs/methods.md, cross-tokenizer distillation)
+    # allow a teacher whose tokenizer differs from the student's: it scores the student's text with its own
+    # tokens (POST /v1/score-text), the two are aligned by byte spans and reverse_kl runs over aligned spans
+    cross_tokenizer: bool = False
+    # cross_tokenizer: weight of the forward KL on the teacher's top-k tokens that are student tokens too
+    xtok_topk_coef: float = 0.0
+    # cross_tokenizer: weight of the ULD term (sorted probabilities) on the rest of the two distributions
+    xtok_uld_coef: float = 0.0
     # --- loss = "chunk": a black-box teacher (opd serve-teacher --backend openai, POST /v1/chunk-score)
     chunk_num: int = 4  # M chunks scored per completion
     chunk_tokens: int = 8  # C student tokens per chunk
@@ -185,6 +193,18 @@ class TrainConfig:
             (
                 self.api_prompt_price >= 0 and self.api_completion_price >= 0,
                 "api_prompt_price and api_completion_price must be >= 0",
+            ),
+            (
+                not self.cross_tokenizer or self.loss == "reverse_kl",
+                f"cross_tokenizer distils over aligned text spans with loss reverse_kl; got loss {self.loss}",
+            ),
+            (
+                self.xtok_topk_coef >= 0 and self.xtok_uld_coef >= 0,
+                "xtok_topk_coef and xtok_uld_coef must be >= 0",
+            ),
+            (
+                self.cross_tokenizer or not (self.xtok_topk_coef or self.xtok_uld_coef),
+                "xtok_topk_coef and xtok_uld_coef are terms of cross_tokenizer runs: set cross_tokenizer = true",
             ),
             (self.max_staleness >= 0, f"max_staleness must be >= 0; got {self.max_staleness}"),
             (self.max_inflight_requests >= 1, "max_inflight_requests must be >= 1"),

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from opd_client.head import TeacherHead
+from opd_client.token_bytes import ids_text, vocab_bytes
 from opd_student import losses
 from opd_student.distributed import SINGLE, World
 from opd_student.exact_losses import exact_kls, rows_by_teacher
@@ -96,8 +97,9 @@ def evaluate(
     """Sums over all ranks when several trainer processes share the prompts; every rank gets the result.
     Each rollout is scored by the teacher it routes to, after the context training gives it (factory).
     With `heads` (teacher name → its output head) the exact full-vocabulary KLs are measured too."""
-    rev_sum = fwd_sum = exact_rev_sum = exact_fwd_sum = tokens = 0.0
+    rev_sum = fwd_sum = exact_rev_sum = exact_fwd_sum = tokens = num_bytes = 0.0
     device_type = unwrap(model).device.type
+    vocab = vocab_bytes(tokenizer)
     for rollouts in heldout_rollouts(
         model, tokenizer, factory, prompts, max_new_tokens, seed, batch_size, world
     ):
@@ -135,14 +137,20 @@ def evaluate(
                 exact_rev_sum += reverse_B_T.sum().item()
                 exact_fwd_sum += forward_B_T.sum().item()
         tokens += batch.num_tokens
-    rev_sum, fwd_sum, exact_rev_sum, exact_fwd_sum, tokens = world.sum(
-        [rev_sum, fwd_sum, exact_rev_sum, exact_fwd_sum, tokens]
+        # the completions' UTF-8 bytes: the per-byte KL compares with teachers of other tokenizers
+        num_bytes += sum(len(ids_text(r.completion_ids, vocab)[0].encode()) for r in rollouts)
+    rev_sum, fwd_sum, exact_rev_sum, exact_fwd_sum, tokens, num_bytes = world.sum(
+        [rev_sum, fwd_sum, exact_rev_sum, exact_fwd_sum, tokens, num_bytes]
     )
     out = {
         "eval/reverse_kl": rev_sum / tokens,
         "eval/topk_forward_kl": fwd_sum / tokens,
         "eval/tokens": int(tokens),
         "eval/prompts": len(eval_share(prompts, world)[0]),
+        # Σ (log q − log p) over the completions' bytes: text_evaluation.py's measure for a teacher with
+        # another tokenizer, so runs of both kinds compare
+        "eval/reverse_kl_per_byte": rev_sum / max(1.0, num_bytes),
+        "eval/bytes": int(num_bytes),
     }
     if heads is not None:
         out["eval/exact_reverse_kl"] = exact_rev_sum / tokens

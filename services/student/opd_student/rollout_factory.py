@@ -49,6 +49,7 @@ class RolloutFactory:
                 on_policy=on_policy,
                 loss_spans=prompt.loss_spans,
                 teacher_chat=chat,
+                teacher_text=self.teacher_text(prompt),
             )
             for completion in completions_G
         ]
@@ -68,6 +69,10 @@ class RolloutFactory:
     def teacher_prefix_ids(self, prompt: Prompt) -> list[int] | None:
         """The white-box teacher's prompt when it differs from the student's (privileged context)."""
         return render(prompt, self.tokenizer, for_teacher=True) if self.privileged(prompt) else None
+
+    def teacher_text(self, prompt: Prompt) -> str | None:
+        """A plain-text prompt as a text-based teacher with its own tokenizer sees it (None: a chat)."""
+        return None if self.privileged(prompt) or prompt.messages is not None else prompt.prompt
 
     def teacher_chat(self, prompt: Prompt) -> list[dict]:
         """The chat a text-based (black-box) teacher sees before the completion."""

@@ -22,6 +22,9 @@ class Rollout:
     on_policy: bool = True  # False: a fixed dataset sequence (GKD mixing)
     loss_spans: list[list[int]] | None = None  # [start, end) characters of the completion the loss may use
     teacher_chat: list[dict] | None = None  # the chat a text-based (black-box) teacher sees first
+    # a plain-text prompt as a text-based teacher sees it (None: the prompt is teacher_chat), tokenized by
+    # a cross-tokenizer teacher as is, as the student tokenizes it
+    teacher_text: str | None = None
 
 
 def row_seed(*keys: int) -> int:

@@ -123,7 +123,14 @@ def _setup(cfg: TrainConfig, resume: bool, world: World, device) -> Run:
         signal.check_teacher(teacher.info, teacher.url)
         prompts = load_prompts(cfg.prompts)
         methods.several_teachers = check_routed_teachers(
-            teacher.link, student.tokenizer, prompts, methods.rules, cfg.teacher_model, signal.check_teacher
+            teacher.link,
+            student.tokenizer,
+            prompts,
+            methods.rules,
+            cfg.teacher_model,
+            signal.check_teacher,
+            # the cross-tokenizer signal scores every teacher by text, whatever its tokenizer
+            allow_other_tokenizer=isinstance(signal, signals.CrossTokenizer),
         )
         dataset = load_dataset(Path(cfg.dataset), factory) if cfg.dataset else None
         batches = BatchSource(cfg, student, factory, methods, prompts, dataset)
@@ -166,7 +173,7 @@ def _connect_teacher(cfg: TrainConfig, run_dir: Path, world: World, student: Stu
         first_replica=world.rank,
     )
     try:
-        info = link.check(student.tokenizer, cfg.teacher_model)
+        info = link.check(student.tokenizer, cfg.teacher_model, allow_other_tokenizer=cfg.cross_tokenizer)
     except BaseException:
         link.close()
         if local is not None:
@@ -182,6 +189,7 @@ def check_routed_teachers(
     rules: list[Rule],
     default: str | None,
     check_teacher: Callable[[ModelInfo, str], None],
+    allow_other_tokenizer: bool = False,
 ) -> bool:
     """Every teacher the prompts route to exists on the service, shares the student's tokenizer and passes
     the signal's check (a clear error at start instead of a failed request at the first step). True when
@@ -189,7 +197,7 @@ def check_routed_teachers(
     names = teachers_used(prompts, rules, default)
     for name in names:
         if name != default:  # the default teacher is checked already
-            check_teacher(link.check(tokenizer, name), link.url)
+            check_teacher(link.check(tokenizer, name, allow_other_tokenizer), link.url)
     return len(names) > 1
 
 

@@ -18,7 +18,7 @@ from opd_client.errors import InvalidRequest, NotFound, OpdError, Unauthenticate
 from opd_client.http_client import HttpTeacherClient
 from opd_client.request_split import split_requests, teacher_view_len
 from opd_client.retry import RetryPolicy
-from opd_client.schema import ChunkScoreRequest, ModelInfo
+from opd_client.schema import ChunkScoreRequest, ModelInfo, ScoreTextRequest
 from opd_client.tokenizer_hash import tokenizer_sha256
 from opd_student.rollouts import Rollout
 
@@ -70,9 +70,12 @@ class TeacherLink:
         self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="opd-score")
         # Checked teachers' records by the name rollouts use (None: the default); their limits cut requests.
         self._infos: dict[str | None, ModelInfo] = {}
+        # Checked teachers whose tokenizer differs from the student's (only allowed for cross-tokenizer runs).
+        self.other_tokenizer: dict[str | None, bool] = {}
 
-    def check(self, tokenizer, teacher_model: str | None) -> ModelInfo:
-        """The teacher's model info; a clear error for a wrong URL, key, name or tokenizer."""
+    def check(self, tokenizer, teacher_model: str | None, allow_other_tokenizer: bool = False) -> ModelInfo:
+        """The teacher's model info; a clear error for a wrong URL, key, name or tokenizer (a teacher with
+        another tokenizer only with allow_other_tokenizer: cross-tokenizer distillation scores text)."""
         try:
             infos = self.client.models()
         except Unauthenticated as e:
@@ -91,11 +94,13 @@ class TeacherLink:
         if info.black_box:
             return info  # the API teacher takes text: its tokenizer is its own business
         mine = tokenizer_sha256(tokenizer)
-        if info.tokenizer_sha256 != mine:
+        self.other_tokenizer[teacher_model] = info.tokenizer_sha256 != mine
+        if info.tokenizer_sha256 != mine and not allow_other_tokenizer:
             raise SystemExit(
                 f"error: the student's tokenizer differs from teacher {info.name!r}'s (sha256 {mine[:12]}… vs "
                 f"{info.tokenizer_sha256[:12]}…): token ids would mean different things. Use a student "
-                "derived from this teacher (opd make-student) or a teacher with the same tokenizer."
+                "derived from this teacher (opd make-student) or a teacher with the same tokenizer, or pass "
+                "--cross-tokenizer to align the two tokenizations by text (docs/methods.md)."
             )
         return info
 
@@ -152,6 +157,17 @@ class TeacherLink:
         def send(only: list[int]) -> list[Future]:
             return [
                 self._pool.submit(lambda i: ([i], [self.client.chunk_score(requests[i])]), i) for i in only
+            ]
+
+        return Pending(len(requests), send(list(range(len(requests)))), send)
+
+    def submit_text(self, requests: list[ScoreTextRequest]) -> Pending:
+        """One text-scoring request per rollout (POST /v1/score-text: a teacher with another tokenizer)."""
+
+        def send(only: list[int]) -> list[Future]:
+            return [
+                self._pool.submit(lambda i: ([i], self.client.score_text(requests[i]).sequences), i)
+                for i in only
             ]
 
         return Pending(len(requests), send(list(range(len(requests)))), send)

@@ -6,6 +6,8 @@
                     (exact_reverse_kl, exact_forward_kl, exact_jsd)
 - chunk_rewards.py  a black-box teacher's chunk rewards (POST /v1/chunk-score): loss chunk
 - white_box_eval.py --eval-teacher-url: loss chunk's held-out KL to an open copy of the teacher
+- cross_tokenizer.py a teacher with another tokenizer (cross_tokenizer = true): text scores (POST
+                    /v1/score-text) aligned with the student's tokens by byte spans; reverse_kl over spans
 
 `make_signal` picks the implementation for `cfg.loss`; a new signal adds one entry to SIGNALS.
 """
@@ -19,6 +21,7 @@ from opd_student.methods.options import MethodOptions
 from opd_student.rollout_factory import RolloutFactory
 from opd_student.signals.base import TeacherSignal
 from opd_student.signals.chunk_rewards import ChunkRewards, keeps_initial_weights
+from opd_student.signals.cross_tokenizer import CrossTokenizer
 from opd_student.signals.hidden_states import ExactFullVocab
 from opd_student.signals.token_scores import SampledToken, StudentTopK, TeacherTopK
 from opd_student.student_model import Student
@@ -35,6 +38,8 @@ SIGNALS: dict[str, Factory] = {
     "exact_forward_kl": ExactFullVocab,
     "exact_jsd": ExactFullVocab,
     "chunk": lambda cfg, student, link, factory, methods: ChunkRewards(cfg, student, link, factory),
+    # not a `loss` value: chosen by make_signal when cross_tokenizer is on and the teacher's tokenizer differs
+    "cross_tokenizer": CrossTokenizer,
 }
 
 # Which signals need a frozen copy of the initial student (taken before sharding and checkpoint loading).
@@ -44,7 +49,9 @@ KEEPS_INITIAL: dict[str, Callable[[TrainConfig], bool]] = {"chunk": keeps_initia
 def make_signal(
     cfg: TrainConfig, student: Student, link: TeacherLink, factory: RolloutFactory, methods: MethodOptions
 ) -> TeacherSignal:
-    return SIGNALS[cfg.loss](cfg, student, link, factory, methods)
+    if cfg.cross_tokenizer and link.other_tokenizer.get(cfg.teacher_model):
+        return SIGNALS["cross_tokenizer"](cfg, student, link, factory, methods)
+    return SIGNALS[cfg.loss](cfg, student, link, factory, methods)  # same tokenizer: token-level, unchanged
 
 
 def keeps_initial(cfg: TrainConfig) -> bool:
