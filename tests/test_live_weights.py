@@ -14,7 +14,6 @@ prompt run once, vs one sequence alone). The weight sets differ from each other 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -22,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save
 from transformers import AutoModelForCausalLM
+from weights_helpers import SEQUENCES, TOP_K, max_diff, reference
 
 from helpers import start_teacher
 from opd_client import GrpcTeacherClient, HttpTeacherClient
@@ -31,13 +31,7 @@ from opd_client.retry import RetryPolicy
 from opd_client.scores import ScoreResult
 
 TOL = 1e-4
-TOP_K = 8
 NO_RETRY = RetryPolicy(max_attempts=1)
-SEQUENCES = [
-    {"token_ids": [1, 504, 3575, 282, 905, 17, 42, 7, 19], "prompt_len": 3},
-    {"token_ids": [1, 504, 3575, 282, 2000, 33], "prompt_len": 3},
-    {"token_ids": [1, 9690, 198, 2830, 4, 5, 6, 7, 8, 9, 10], "prompt_len": 2},
-]
 
 
 # ---- fixtures and helpers ---------------------------------------------------------------------------
@@ -80,41 +74,6 @@ def perturbed(state: dict[str, torch.Tensor], seed: int, scale: float = 0.05) ->
         for k, v in state.items()
         if k != "lm_head.weight"
     }
-
-
-def reference(model_dir: Path, state: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:
-    """The scores of SEQUENCES from an in-process fp32 forward of these weights, one sequence at a time."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model.load_state_dict(state, strict=False)  # lm_head.weight follows the embedding it is tied to
-    out = []
-    with torch.inference_mode():
-        for seq in SEQUENCES:
-            ids, p = seq["token_ids"], seq["prompt_len"]
-            logprobs_T_V = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)[p - 1 : -1]
-            targets_T = torch.tensor(ids[p:])
-            top = logprobs_T_V.topk(TOP_K, dim=-1)
-            rest_T_V = logprobs_T_V.scatter(-1, top.indices, float("-inf"))
-            out.append(
-                {
-                    "token_logprobs_T": logprobs_T_V.gather(-1, targets_T[:, None])[:, 0].numpy(),
-                    "top_logprobs_T_K": top.values.numpy(),
-                    "tail_logprob_T": torch.logsumexp(rest_T_V, -1).numpy(),
-                    "logprobs_T_V": logprobs_T_V.numpy(),
-                }
-            )
-    return out
-
-
-def max_diff(result: ScoreResult, ref: list[dict[str, np.ndarray]]) -> float:
-    """Largest |difference| over every logprob, and between each returned top id's logprob and the
-    reference's logprob of that id (two ids within TOL of each other may come in either order)."""
-    worst = 0.0
-    for got, want in zip(result.sequences, ref, strict=True):
-        for key in ("token_logprobs_T", "top_logprobs_T_K", "tail_logprob_T"):
-            worst = max(worst, float(np.max(np.abs(getattr(got, key) - want[key]))))
-        of_ids_T_K = np.take_along_axis(want["logprobs_T_V"], got.top_ids_T_K.astype(np.int64), axis=-1)
-        worst = max(worst, float(np.max(np.abs(of_ids_T_K - got.top_logprobs_T_K))))
-    return worst
 
 
 def same_bits(a: ScoreResult, b: ScoreResult) -> bool:
@@ -404,3 +363,25 @@ def test_the_async_client_pushes_bytes_and_files(service, http, tiny_model_dir, 
     assert (
         max_diff(http.score(SEQUENCES, top_k=TOP_K, model="tiny"), reference(tiny_model_dir, weights)) <= TOL
     )
+
+
+def test_all_tensors_refuses_an_update_that_leaves_one_out(
+    http, grpc_client, tiny_model_dir, initial, tmp_path
+):
+    """What a trainer asks for when its student must be the whole teacher: a partial body is refused,
+    naming a tensor it left out; the whole model (the tied lm_head under the embedding's name) is taken."""
+    partial = {k: v for k, v in perturbed(initial, seed=6).items() if "layers.1." not in k}
+    (tmp_path / "partial.safetensors").write_bytes(save(partial))
+    before = http.score(SEQUENCES, top_k=TOP_K, model="tiny")
+    for client in (http, grpc_client):
+        with pytest.raises(
+            InvalidRequest, match=r"all_tensors .* 9 of the model's 39 tensors .* 'model.layers.1"
+        ):
+            client.push_weights(save(partial), model="tiny", all_tensors=True)
+        with pytest.raises(InvalidRequest, match="all_tensors"):
+            client.reload_weights(str(tmp_path / "partial.safetensors"), model="tiny", all_tensors=True)
+    assert same_bits(before, http.score(SEQUENCES, top_k=TOP_K, model="tiny"))
+    whole = perturbed(initial, seed=6)
+    for client in (http, grpc_client):
+        client.push_weights(save(whole), model="tiny", all_tensors=True)
+    assert max_diff(http.score(SEQUENCES, top_k=TOP_K, model="tiny"), reference(tiny_model_dir, whole)) <= TOL

@@ -170,23 +170,29 @@ class GrpcTeacherClient:
         req = request if isinstance(request, schema.ScoreTextRequest) else schema.ScoreTextRequest(**request)
         return convert_text.response_from_proto(self._call("ScoreText", convert_text.request_to_proto(req)))
 
-    def push_weights(self, weights: bytes | Path, model: str | None = None) -> schema.WeightsUpdate:
+    def push_weights(
+        self, weights: bytes | Path, model: str | None = None, all_tensors: bool = False
+    ) -> schema.WeightsUpdate:
         """As HttpTeacherClient.push_weights, over UpdateWeights: the file in WEIGHTS_CHUNK_BYTES pieces."""
         attempt = 0
         while True:
             attempt += 1
             try:
                 reply = self._stub.UpdateWeights(
-                    _weights_chunks(weights, model or ""), metadata=self._metadata, timeout=self.timeout
+                    _weights_chunks(weights, model or "", all_tensors),
+                    metadata=self._metadata,
+                    timeout=self.timeout,
                 )
                 return convert.weights_update_from_proto(reply)
             except grpc.RpcError as e:
                 err = _error_for_rpc(e, f"UpdateWeights at {self.target}")
                 self._wait_or_raise(err, attempt, "UpdateWeights", e)
 
-    def reload_weights(self, path: str, model: str | None = None) -> schema.WeightsUpdate:
+    def reload_weights(
+        self, path: str, model: str | None = None, all_tensors: bool = False
+    ) -> schema.WeightsUpdate:
         """As HttpTeacherClient.reload_weights, over ReloadWeights."""
-        request = pb.ReloadWeightsRequest(model=model or "", path=path)
+        request = pb.ReloadWeightsRequest(model=model or "", path=path, all_tensors=all_tensors)
         return convert.weights_update_from_proto(self._call("ReloadWeights", request))
 
     def close(self) -> None:
@@ -334,19 +340,25 @@ class _StreamFeed:
             return len(self._open)
 
 
-def _weights_chunks(weights: bytes | Path, model: str) -> Iterator[pb.WeightsChunk]:
-    """A safetensors file as UpdateWeights chunks (the model named in the first), made anew per attempt."""
+def _weights_chunks(weights: bytes | Path, model: str, all_tensors: bool) -> Iterator[pb.WeightsChunk]:
+    """A safetensors file as UpdateWeights chunks (the model and all_tensors in the first), made anew per
+    attempt."""
+    first = pb.WeightsChunk(model=model, all_tensors=all_tensors)
     if isinstance(weights, bytes):
         for start in range(0, max(1, len(weights)), WEIGHTS_CHUNK_BYTES):
-            yield pb.WeightsChunk(
-                model=model if start == 0 else "", data=weights[start : start + WEIGHTS_CHUNK_BYTES]
-            )
+            piece = weights[start : start + WEIGHTS_CHUNK_BYTES]
+            yield pb.WeightsChunk(data=piece) if start else _with_data(first, piece)
         return
     with open(weights, "rb") as f:
-        first = True
-        while (piece := f.read(WEIGHTS_CHUNK_BYTES)) or first:
-            yield pb.WeightsChunk(model=model if first else "", data=piece)
-            first = False
+        piece = f.read(WEIGHTS_CHUNK_BYTES)
+        yield _with_data(first, piece)
+        while piece := f.read(WEIGHTS_CHUNK_BYTES):
+            yield pb.WeightsChunk(data=piece)
+
+
+def _with_data(chunk: pb.WeightsChunk, data: bytes) -> pb.WeightsChunk:
+    chunk.data = data
+    return chunk
 
 
 def _open_channel(target: str | Seq[str]) -> grpc.Channel:

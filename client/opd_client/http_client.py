@@ -155,22 +155,29 @@ class HttpTeacherClient:
         answer = self._call(wire.Request("POST", "/v1/score-text", body), wire.body_or_error)
         return schema.ScoreTextResponse.model_validate(answer)
 
-    def push_weights(self, weights: bytes | Path, model: str | None = None) -> schema.WeightsUpdate:
+    def push_weights(
+        self, weights: bytes | Path, model: str | None = None, all_tensors: bool = False
+    ) -> schema.WeightsUpdate:
         """New weights for teacher `model` (default: the first): a safetensors file as bytes or a path,
         holding all its tensors or only those that changed, in the dtype the teacher holds them
         (ModelInfo.dtype). The service must run with --weight-updates. Returns the version now served.
+        all_tensors: refuse an update that does not replace every tensor of the model.
 
         With several replicas behind this client, each call updates one of them: push to each replica's
         own URL to update them all."""
         name = model or self.models()[0].name
         return wire.weights_update_from_body(
-            self._call(wire.weights_request(name, weights), wire.body_or_error)
+            self._call(wire.weights_request(name, weights, all_tensors), wire.body_or_error)
         )
 
-    def reload_weights(self, path: str, model: str | None = None) -> schema.WeightsUpdate:
+    def reload_weights(
+        self, path: str, model: str | None = None, all_tensors: bool = False
+    ) -> schema.WeightsUpdate:
         """New weights for teacher `model` from a safetensors file or directory on the service's machine."""
         name = model or self.models()[0].name
-        return wire.weights_update_from_body(self._call(wire.reload_request(name, path), wire.body_or_error))
+        return wire.weights_update_from_body(
+            self._call(wire.reload_request(name, path, all_tensors), wire.body_or_error)
+        )
 
     def _call(
         self,
@@ -304,16 +311,22 @@ class AsyncHttpTeacherClient:
     async def chunk_score(self, request: schema.ChunkScoreRequest | dict) -> schema.ChunkScoreResponse:
         return wire.chunk_scores_from_body(await self._call(wire.chunk_score_request(request)))
 
-    async def push_weights(self, weights: bytes | Path, model: str | None = None) -> schema.WeightsUpdate:
+    async def push_weights(
+        self, weights: bytes | Path, model: str | None = None, all_tensors: bool = False
+    ) -> schema.WeightsUpdate:
         """As HttpTeacherClient.push_weights (a path is read into memory first)."""
         if isinstance(weights, Path):  # the async transport takes async pieces; bytes keep this simple
             weights = await asyncio.to_thread(weights.read_bytes)
         name = model or (await self.models())[0].name
-        return wire.weights_update_from_body(await self._call(wire.weights_request(name, weights)))
+        return wire.weights_update_from_body(
+            await self._call(wire.weights_request(name, weights, all_tensors))
+        )
 
-    async def reload_weights(self, path: str, model: str | None = None) -> schema.WeightsUpdate:
+    async def reload_weights(
+        self, path: str, model: str | None = None, all_tensors: bool = False
+    ) -> schema.WeightsUpdate:
         name = model or (await self.models())[0].name
-        return wire.weights_update_from_body(await self._call(wire.reload_request(name, path)))
+        return wire.weights_update_from_body(await self._call(wire.reload_request(name, path, all_tensors)))
 
     async def _call(
         self,

@@ -113,13 +113,14 @@ def head_request(name: str) -> Request:
     return Request("GET", f"/v1/models/{quote(name, safe='')}/head", accept=OCTET_STREAM)
 
 
-def weights_request(name: str, weights: bytes | Path) -> Request:
+def weights_request(name: str, weights: bytes | Path, all_tensors: bool = False) -> Request:
     """PUT a safetensors file (bytes, or a path streamed from disk) as teacher `name`'s new weights."""
-    return Request("PUT", f"/v1/models/{quote(name, safe='')}/weights", content=weights)
+    query = "?all_tensors=true" if all_tensors else ""
+    return Request("PUT", f"/v1/models/{quote(name, safe='')}/weights{query}", content=weights)
 
 
-def reload_request(name: str, path: str) -> Request:
-    body = schema.ReloadRequest(path=path).model_dump()
+def reload_request(name: str, path: str, all_tensors: bool = False) -> Request:
+    body = schema.ReloadRequest(path=path, all_tensors=all_tensors).model_dump()
     return Request("POST", f"/v1/models/{quote(name, safe='')}/reload", body)
 
 

@@ -350,6 +350,9 @@ class ReloadRequest(_Strict):
         description="absolute path of a .safetensors file or a directory of *.safetensors shards (all tensors "
         "or some, named as in the model's state_dict)"
     )
+    all_tensors: StrictBool = Field(
+        default=False, description="refuse an update that does not replace every tensor of the model"
+    )
 
 
 class WeightsUpdate(BaseModel):

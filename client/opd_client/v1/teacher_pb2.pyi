@@ -193,20 +193,24 @@ class HeadChunk(_message.Message):
     def __init__(self, model: _Optional[str] = ..., sha256: _Optional[str] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class WeightsChunk(_message.Message):
-    __slots__ = ("model", "data")
+    __slots__ = ("model", "data", "all_tensors")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    ALL_TENSORS_FIELD_NUMBER: _ClassVar[int]
     model: str
     data: bytes
-    def __init__(self, model: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+    all_tensors: bool
+    def __init__(self, model: _Optional[str] = ..., data: _Optional[bytes] = ..., all_tensors: _Optional[bool] = ...) -> None: ...
 
 class ReloadWeightsRequest(_message.Message):
-    __slots__ = ("model", "path")
+    __slots__ = ("model", "path", "all_tensors")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    ALL_TENSORS_FIELD_NUMBER: _ClassVar[int]
     model: str
     path: str
-    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+    all_tensors: bool
+    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., all_tensors: _Optional[bool] = ...) -> None: ...
 
 class WeightsUpdate(_message.Message):
     __slots__ = ("model", "weights_version", "previous_version", "tensors", "bytes", "source", "load_s", "swap_s")

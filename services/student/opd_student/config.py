@@ -50,6 +50,13 @@ class TrainConfig:
     teacher_wait_s: float = 1800.0  # how long to keep retrying an unreachable teacher before giving up
     max_inflight_requests: int = 4  # scoring requests in flight at once
     max_staleness: int = 1  # rollouts may come from a policy this many steps old (0: no overlap)
+    # push the student's weights to the teacher every N steps (0: off): a teacher that learns (self- and
+    # co-distillation). The teacher must serve the student's architecture with --weight-updates
+    teacher_follows_student: int = 0
+    # the teacher is the student itself: without teacher_url, opd train starts a teacher serving the
+    # student's starting weights (with teacher_follows_student N, its current ones), for prompts whose
+    # teacher_messages give it privileged context (on-policy self-distillation, docs/methods.md)
+    self_distillation: bool = False
     # --- student and data
     student: str = "default"  # HF directory, or "default": the layer-pruned embedded teacher
     prompts: str = "default-train"  # JSONL file, or the shipped set
@@ -205,6 +212,21 @@ class TrainConfig:
             (
                 self.cross_tokenizer or not (self.xtok_topk_coef or self.xtok_uld_coef),
                 "xtok_topk_coef and xtok_uld_coef are terms of cross_tokenizer runs: set cross_tokenizer = true",
+            ),
+            (
+                self.teacher_follows_student >= 0,
+                f"teacher_follows_student must be >= 0 (0: off); got {self.teacher_follows_student}",
+            ),
+            (
+                not (self.self_distillation and (self.teacher_url or self.local_teacher_models)),
+                "self_distillation starts a teacher serving the student: leave teacher_url and "
+                "local_teacher_models unset (or serve the student yourself: opd serve-teacher --model STUDENT "
+                "--weight-updates, and leave self_distillation off)",
+            ),
+            (
+                not (self.teacher_follows_student and self.loss.startswith("exact_")),
+                f"loss {self.loss} keeps the teacher's output head from the start; with teacher_follows_student "
+                "the head changes at every push: use reverse_kl, topk_forward_kl, jsd or student_topk_reverse_kl",
             ),
             (self.max_staleness >= 0, f"max_staleness must be >= 0; got {self.max_staleness}"),
             (self.max_inflight_requests >= 1, "max_inflight_requests must be >= 1"),

@@ -30,6 +30,7 @@ from opd_student.prompts import Prompt, load_prompts
 from opd_student.rollout_factory import RolloutFactory
 from opd_student.signals.base import TeacherSignal
 from opd_student.student_model import Student, pick_device
+from opd_student.teacher_follow import NoFollowing, TeacherFollower, make_follower
 from opd_student.teacher_link import TeacherLink
 from opd_student.tools.make_student import resolve_student
 
@@ -84,6 +85,8 @@ class Run:
     methods: MethodOptions
     batches: BatchSource
     eval_prompts: list[Prompt] = field(default_factory=list)
+    # after each optimizer step: the student's weights to the teacher (teacher_follows_student)
+    follower: TeacherFollower | NoFollowing = field(default_factory=NoFollowing)
 
     def close(self) -> None:
         self.teacher.close(self.world)
@@ -135,6 +138,7 @@ def _setup(cfg: TrainConfig, resume: bool, world: World, device) -> Run:
         dataset = load_dataset(Path(cfg.dataset), factory) if cfg.dataset else None
         batches = BatchSource(cfg, student, factory, methods, prompts, dataset)
         eval_prompts = load_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
+        follower = make_follower(cfg, student, teacher.link, teacher.info)
     except BaseException:
         teacher.abort()
         raise
@@ -143,7 +147,9 @@ def _setup(cfg: TrainConfig, resume: bool, world: World, device) -> Run:
         f"student {student_path} ({student.num_params / 1e6:.0f}M params, bf16 autocast "
         f"{'on' if student.bf16 else 'off'}, {device}{ranks}); teacher {teacher.info.name} at {teacher.url}"
     )
-    return Run(cfg, run_dir, world, console, student, teacher, signal, methods, batches, eval_prompts)
+    return Run(
+        cfg, run_dir, world, console, student, teacher, signal, methods, batches, eval_prompts, follower
+    )
 
 
 def _connect_teacher(cfg: TrainConfig, run_dir: Path, world: World, student: Student) -> TeacherService:
@@ -158,9 +164,13 @@ def _connect_teacher(cfg: TrainConfig, run_dir: Path, world: World, student: Stu
         api_key = secrets.token_urlsafe(16)
         if world.is_main:  # one local teacher for all ranks of this machine
             models = [m.strip() for m in cfg.local_teacher_models.split(",") if m.strip()] or None
+            if cfg.self_distillation:  # the teacher is the student as it starts
+                models = [f"student={student.path}"]
             serving = ", ".join(models) if models else "embedded default teacher"
             print(f"starting a local teacher service (opd serve-teacher, {serving})...", flush=True)
-            local = start_teacher(run_dir, models, api_key=api_key)
+            # a teacher that follows the student takes its weights (docs/api.md, live weight updates)
+            extra = ["--weight-updates"] if cfg.teacher_follows_student else []
+            local = start_teacher(run_dir, models, api_key=api_key, extra_args=extra)
             url = local.http_url
             print(f"teacher ready at {url}; log: {local.log_path}", flush=True)
         url, api_key = world.broadcast((url, api_key))

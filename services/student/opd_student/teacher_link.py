@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from opd_client.errors import InvalidRequest, NotFound, OpdError, Unauthenticated
@@ -39,6 +39,7 @@ class Pending:
     n: int
     futures: list[Future]
     resend: Callable[[list[int]], list[Future]]
+    versions: set[int] = field(default_factory=set)  # the teacher weights_version of each answer so far
 
 
 class TeacherLink:
@@ -70,6 +71,8 @@ class TeacherLink:
         self._pool = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="opd-score")
         # Checked teachers' records by the name rollouts use (None: the default); their limits cut requests.
         self._infos: dict[str | None, ModelInfo] = {}
+        # The teacher weights versions that answered the last collect() (live-updated teachers).
+        self.last_versions: list[int] = []
         # Checked teachers whose tokenizer differs from the student's (only allowed for cross-tokenizer runs).
         self.other_tokenizer: dict[str | None, bool] = {}
 
@@ -111,17 +114,19 @@ class TeacherLink:
         the teacher's per-request limits (max_tokens, max_hidden_bytes) need it. `score_ids` holds one
         [T][M] id list per rollout; other options (e.g. return_hidden) go to client.score as they are."""
 
+        versions: set[int] = set()
+
         def send(only: list[int]) -> list[Future]:
             groups: dict[str | None, list[int]] = {}
             for i in only:
                 groups.setdefault(rollouts[i].teacher, []).append(i)
             return [
-                self._pool.submit(self._score, rollouts, part, top_k, score_ids, name, options)
+                self._pool.submit(self._score, rollouts, part, top_k, score_ids, name, options, versions)
                 for name, idx in groups.items()
                 for part in self._split(rollouts, idx, name, options)
             ]
 
-        return Pending(len(rollouts), send(list(range(len(rollouts)))), send)
+        return Pending(len(rollouts), send(list(range(len(rollouts)))), send, versions)
 
     def _split(
         self, rollouts: list[Rollout], idx: list[int], name: str | None, options: dict
@@ -139,7 +144,7 @@ class TeacherLink:
         parts = split_requests(sizes, info, options.get("return_hidden", False), options.get("hidden_dtype"))
         return [[idx[j] for j in part] for part in parts]
 
-    def _score(self, rollouts, idx, top_k, score_ids, name, options):
+    def _score(self, rollouts, idx, top_k, score_ids, name, options, versions: set[int]):
         sequences = []
         for i in idx:
             r = rollouts[i]
@@ -149,6 +154,8 @@ class TeacherLink:
             sequences.append(seq)
         ids = [score_ids[i] for i in idx] if score_ids is not None else None
         result = self.client.score(sequences, top_k=top_k, score_ids=ids, model=name, **options)
+        if result.weights_version is not None:
+            versions.add(result.weights_version)
         return idx, result.sequences
 
     def submit_chunks(self, requests: list[ChunkScoreRequest]) -> Pending:
@@ -174,7 +181,9 @@ class TeacherLink:
 
     def collect(self, pending: Pending) -> list:
         """Every answer of `pending`, in request order, waiting out teacher outages for up to wait_s."""
-        return self._collect(pending.n, pending.futures, pending.resend)
+        answers = self._collect(pending.n, pending.futures, pending.resend)
+        self.last_versions = sorted(pending.versions)
+        return answers
 
     def _collect(self, n: int, futures: list[Future], resubmit) -> list:
         """The n results of futures; on failure, wait (backoff) and resubmit the missing indices."""

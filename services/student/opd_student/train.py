@@ -128,6 +128,7 @@ def _loop(cfg: TrainConfig, run: Run) -> None:
             metrics.update({**loss.metrics(), "grad_norm": plain_float(grad_norm)})
         metrics.update(run.methods.generation_metrics(batch.step.rollouts, batch.step.horizon, world))
         step += 1
+        metrics.update(run.follower.after_step(step))  # teacher_follows_student: the teacher learns too
         metrics.update(
             {
                 "step": step,

@@ -190,7 +190,7 @@ class TeacherEngine:
         return body_limit(self.weight_limits, weights.nbytes)
 
     async def update_weights(
-        self, name: str | None, files: list[Path], source: str, field: str
+        self, name: str | None, files: list[Path], source: str, field: str, all_tensors: bool = False
     ) -> schema.WeightsUpdate:
         """Replace `name`'s weights with the tensors in `files`: checked and read while forwards go on, then
         swapped on the forward thread between two batches (and never during a generation, which would mix
@@ -202,7 +202,7 @@ class TeacherEngine:
         with self._working():
             async with self._weights_turn:
                 try:
-                    staged = await asyncio.to_thread(weights.stage, files, source, field)
+                    staged = await asyncio.to_thread(weights.stage, files, source, field, all_tensors)
                 except Exception as e:
                     metrics.WEIGHT_UPDATES.labels(model, "refused").inc()
                     log.warning("%s: weight update from %s refused: %s", model, source, e)

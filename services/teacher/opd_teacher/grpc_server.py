@@ -158,7 +158,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
                 async for chunk in chunks:
                     await spool.write(chunk.data)
                 path = await spool.finish()
-                update = await self.engine.update_weights(name, [path], "push", "data")
+                update = await self.engine.update_weights(name, [path], "push", "data", first.all_tensors)
             return convert.weights_update_to_proto(update)
 
         return await _unary("UpdateWeights", context, update)
@@ -170,7 +170,7 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             name = request.model or None
             self.engine.weights_body_limit(name)
             files = reload_files(request.path, self.engine.weight_limits.reload_root)
-            update = await self.engine.update_weights(name, files, request.path, "path")
+            update = await self.engine.update_weights(name, files, request.path, "path", request.all_tensors)
             return convert.weights_update_to_proto(update)
 
         return await _unary("ReloadWeights", context, reload)

@@ -80,7 +80,9 @@ class TokenScoreSignal:
                 f"error: teacher {info.name!r} at {url} is black-box ({info.source}): it has no logprobs for "
                 f"--loss {self.cfg.loss}; use --loss chunk"
             )
-        self.exact_eval = self.exact_eval and offers_hidden_states(info)
+        # A teacher that follows the student changes its head at every push; the head is fetched once.
+        following = self.cfg.teacher_follows_student > 0
+        self.exact_eval = self.exact_eval and offers_hidden_states(info) and not following
 
     def score_ids(self, rollouts: list[Rollout]) -> list | None:
         """Ids whose teacher logprobs the loss needs beyond the top-k (None: none)."""

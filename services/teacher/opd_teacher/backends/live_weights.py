@@ -69,8 +69,10 @@ class LiveWeights:
         self._head_weight = getattr(output, "weight", None)
         self._head_bias = getattr(output, "bias", None)
 
-    def stage(self, files: list[Path], source: str, field: str) -> StagedWeights:
-        """Check and read the tensors of `files` (a push's body, or a reloaded directory's shards)."""
+    def stage(self, files: list[Path], source: str, field: str, all_tensors: bool = False) -> StagedWeights:
+        """Check and read the tensors of `files` (a push's body, or a reloaded directory's shards); with
+        `all_tensors` they must replace every tensor of the model (a sender that means to replace the whole
+        model, e.g. a trainer whose student must be the teacher's architecture, learns of a mismatch)."""
         started = time.perf_counter()
         entries: list[tuple[Path, TensorEntry]] = []
         seen: dict[str, Path] = {}
@@ -84,6 +86,8 @@ class LiveWeights:
                 seen[entry.name] = path
                 self._check(entry, field)
                 entries.append((path, entry))
+        if all_tensors:
+            self._check_complete(seen, field)
         new_by_target: dict[int, tuple[str, torch.Tensor]] = {}
         nbytes = 0
         for _, entry, value in _read(entries):
@@ -135,6 +139,16 @@ class LiveWeights:
             raise InvalidRequest(
                 f"{field}: tensor {entry.name!r} is {entry.dtype}; the model holds it as "
                 f"{str(target.dtype).removeprefix('torch.')} ({want}): cast it before sending",
+                field=field,
+            )
+
+    def _check_complete(self, names: dict[str, Path], field: str) -> None:
+        covered = {id(self.targets[name]) for name in names}
+        missing = [name for name, t in self.targets.items() if id(t) not in covered]
+        if missing:
+            raise InvalidRequest(
+                f"{field}: all_tensors was asked for, but {len(missing)} of the model's {len(self.targets)} "
+                f"tensors are not in the update, e.g. {missing[0]!r}: the sender's model is not this one",
                 field=field,
             )
 

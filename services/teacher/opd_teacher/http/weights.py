@@ -42,10 +42,11 @@ def weights_router(engine: TeacherEngine) -> APIRouter:
         responses=_ERRORS,
         openapi_extra=_BODY,
     )
-    async def push(name: str, request: Request) -> schema.WeightsUpdate:
+    async def push(name: str, request: Request, all_tensors: bool = False) -> schema.WeightsUpdate:
         """New weights for teacher `name`, as a safetensors body. Checked in full before use (names, shapes,
         dtypes, completeness, finite values); then swapped in between two forwards. Every later score
-        answer names the new `weights_version`; a refused push leaves the old weights serving."""
+        answer names the new `weights_version`; a refused push leaves the old weights serving.
+        `?all_tensors=true`: refuse a body that does not replace every tensor of the model."""
         limit = engine.weights_body_limit(name)  # unknown model, updates off: refused before reading
         with WeightsSpool(limit, engine.weight_limits.weights_spool_dir, _content_length(request)) as spool:
             try:
@@ -54,7 +55,7 @@ def weights_router(engine: TeacherEngine) -> APIRouter:
             except ClientDisconnect:
                 raise ClientGone() from None
             path = await spool.finish()
-            return await engine.update_weights(name, [path], "push", "body")
+            return await engine.update_weights(name, [path], "push", "body", all_tensors)
 
     @router.post(
         "/v1/models/{name:path}/reload",
@@ -67,7 +68,7 @@ def weights_router(engine: TeacherEngine) -> APIRouter:
         can read (inside --reload-root when set); checked and swapped in as a push is."""
         engine.weights_body_limit(name)
         files = reload_files(req.path, engine.weight_limits.reload_root)
-        return await engine.update_weights(name, files, req.path, "path")
+        return await engine.update_weights(name, files, req.path, "path", req.all_tensors)
 
     return router
 
