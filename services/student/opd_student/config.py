@@ -130,6 +130,10 @@ class TrainConfig:
     fire_drop_fraction: float = 0.2  # share of the step's rollouts dropped (lowest teacher mean logprob)
     fire_reweight: bool = True  # weight tokens by teacher confidence · (1 − student confidence)
     privileged_context: bool = True  # the teacher sees a prompt's teacher_messages instead of its prompt
+    # EDGE-OPD's evidence mask (our reading): the loss only at tokens where the privileged context supports
+    # the sampled token, log p(x_t | teacher_messages) − log p(x_t | prompt) > evidence_threshold
+    evidence_mask: bool = False
+    evidence_threshold: float = 0.0  # nats of evidence a token needs to stay in the loss
     loss_token_ids: str = ""  # token-restricted loss: only these ids ("12, 345" or a file of ids)
     loss_regex: str = ""  # ... and/or tokens inside matches of this regex in the decoded completion
     teacher_rules: str = ""  # "PATTERN => NAME; ...": route prompts to teachers by their text
@@ -194,8 +198,9 @@ class TrainConfig:
             (self.chunk_alpha >= 0, f"chunk_alpha must be >= 0; got {self.chunk_alpha}"),
             (self.chunk_kl_coef >= 0, f"chunk_kl_coef must be >= 0; got {self.chunk_kl_coef}"),
             (
-                self.eval_teacher_url is None or self.loss == "chunk",
-                "eval_teacher_url is for loss chunk (the other losses measure the KL to their own teacher)",
+                self.eval_teacher_url is None or not self.cross_tokenizer,
+                "eval_teacher_url measures the held-out KL to a service with the student's tokenizer; "
+                "cross_tokenizer runs evaluate by text against their own teacher",
             ),
             (
                 self.api_prompt_price >= 0 and self.api_completion_price >= 0,
@@ -227,6 +232,11 @@ class TrainConfig:
                 not (self.teacher_follows_student and self.loss.startswith("exact_")),
                 f"loss {self.loss} keeps the teacher's output head from the start; with teacher_follows_student "
                 "the head changes at every push: use reverse_kl, topk_forward_kl, jsd or student_topk_reverse_kl",
+            ),
+            (
+                not self.evidence_mask or self.privileged_context,
+                "evidence_mask compares the teacher with and without teacher_messages: it needs "
+                "privileged_context = true",
             ),
             (self.max_staleness >= 0, f"max_staleness must be >= 0; got {self.max_staleness}"),
             (self.max_inflight_requests >= 1, "max_inflight_requests must be >= 1"),

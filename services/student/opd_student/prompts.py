@@ -6,7 +6,8 @@ A prompt file has one JSON object a line (see DESIGN.md, CLI):
 (which served teacher scores it), `"loss_spans"` (character ranges of the completion the loss is restricted
 to, docs/methods.md) and `"id"`. The names "default-train" and "default-heldout" load the small set shipped
 in this package; "default-privileged" is a part of default-train with reference answers in
-`teacher_messages`.
+`teacher_messages`, "default-privileged-heldout" the fact and arithmetic prompts of default-heldout with
+theirs (held-out evaluation of self-distillation).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ SHIPPED = {
     "default-train": "prompts_train.jsonl",
     "default-heldout": "prompts_heldout.jsonl",
     "default-privileged": "prompts_privileged.jsonl",
+    "default-privileged-heldout": "prompts_privileged_heldout.jsonl",
 }
 ALLOWED_KEYS = ("id", "messages", "prompt", "teacher_messages", "teacher", "loss_spans")
 

@@ -6,7 +6,7 @@ from opd_student.methods.routing import parse_teacher_rules
 from opd_student.methods.token_mask import TokenMaskRule
 
 # Options that reweight the token loss: they need a logprob loss, not the black-box chunk reward.
-WEIGHTING = ("ta_opd", "fire_opd", "loss_token_ids", "loss_regex")
+WEIGHTING = ("ta_opd", "fire_opd", "loss_token_ids", "loss_regex", "evidence_mask")
 
 
 def config_problems(cfg) -> list[str]:

@@ -70,9 +70,16 @@ class MethodOptions:
     # --- the optimizer step
 
     def step_weights(
-        self, student: Student, rollouts: list[Rollout], scores: list[SequenceScores]
+        self,
+        student: Student,
+        rollouts: list[Rollout],
+        scores: list[SequenceScores],
+        evidence_N_T: list | None = None,
     ) -> StepWeights:
-        weights = StepWeights(self.cfg, rollouts, scores, student.tokenizer, self.mask_rule, student.world)
+        """The step's token weights; evidence_N_T: EDGE-OPD's evidence per rollout (methods/evidence.py)."""
+        weights = StepWeights(
+            self.cfg, rollouts, scores, student.tokenizer, self.mask_rule, student.world, evidence_N_T
+        )
         if self.cfg.ta_opd:
             weights.select_teachable(teachability_pass(self.cfg, student, rollouts, scores))
         return weights

@@ -1,7 +1,7 @@
 """One weight per completion token of an optimizer step: the glue between the methods and the trainer.
 
-    w_t = [rollout kept (FiRe filter)] · [token matched (mask rules)] · [among the most teachable (TA-OPD)]
-          · (c^T_t · (1 − c^S_t) if FiRe reweighting)
+    w_t = [rollout kept (FiRe filter)] · [token matched (mask rules)] · [evidence e_t > τ (EDGE-OPD)]
+          · [among the most teachable (TA-OPD)] · (c^T_t · (1 − c^S_t) if FiRe reweighting)
 
 and the step's loss is the weighted mean Σ_t w_t ℓ_t / Σ_t w_t (for 0/1 weights: the mean over the
 selected tokens, so keeping 5% of the tokens does not shrink the update 20-fold). The trainer backpropagates
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from opd_client.scores import SequenceScores
 from opd_student.distributed import SINGLE, World
+from opd_student.methods.evidence import evidence_keep
 from opd_student.methods.filtering import confidence_weights, rollout_keep_mask, teacher_mean_logprobs
 from opd_student.methods.teachability import teachability, top_fraction
 from opd_student.methods.token_mask import TokenMaskRule
@@ -41,12 +42,16 @@ class StepWeights:
         tokenizer,
         mask_rule: TokenMaskRule,
         world: World = SINGLE,
+        evidence_N_T: list[Tensor | None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.world = world
         self.rollouts = rollouts
         spans_given = any(r.loss_spans for r in rollouts)
-        self.restricts = mask_rule.is_global or spans_given
+        # The evidence mask is on for the whole run (not only steps with privileged rollouts), so that every
+        # rank and every step reports and normalises alike.
+        self.evidence = bool(getattr(cfg, "evidence_mask", False))  # settings objects without it: off
+        self.restricts = mask_rule.is_global or spans_given or self.evidence
         self.fire = cfg.fire_opd
         self.active = self.restricts or self.fire or cfg.ta_opd
         self.total_tokens = sum(len(r.completion_ids) for r in rollouts)
@@ -61,6 +66,15 @@ class StepWeights:
                 keep = mask_rule.mask(r.completion_ids, tokenizer, r.loss_spans)
                 if keep is not None:
                     self.static_N_T[i] *= torch.tensor(keep, dtype=torch.float32)
+        # EDGE-OPD: (Σ e, tokens with evidence, tokens kept); summed over ranks in reduce()
+        self.evidence_sums = [0.0, 0.0, 0.0]
+        for i, evidence_T in enumerate(evidence_N_T or []):
+            if evidence_T is not None:
+                keep_T = evidence_keep(evidence_T, cfg.evidence_threshold)
+                self.static_N_T[i] *= keep_T
+                self.evidence_sums[0] += float(evidence_T.sum())
+                self.evidence_sums[1] += len(evidence_T)
+                self.evidence_sums[2] += float(keep_T.sum())
         if self.fire and cfg.fire_drop_fraction > 0:
             means_N = teacher_mean_logprobs([torch.from_numpy(s.token_logprobs_T) for s in scores])
             all_means, mine = self._whole_step(means_N)
@@ -112,7 +126,9 @@ class StepWeights:
             return
         local_weight = self.weight_sum if self.active else float(local_tokens)
         local_in_loss = self.tokens_in_loss if self.active else local_tokens
-        any_active, weight_sum, in_loss = self.world.sum([float(self.active), local_weight, local_in_loss])
+        any_active, weight_sum, in_loss, *self.evidence_sums = self.world.sum(
+            [float(self.active), local_weight, local_in_loss, *self.evidence_sums]
+        )
         self.active = any_active > 0
         self.total_tokens, self.weight_sum, self.tokens_in_loss = int(total_tokens), weight_sum, int(in_loss)
 
@@ -139,6 +155,10 @@ class StepWeights:
         if self.fire:
             out["select/rollouts_dropped"] = self.dropped_rollouts
             out["select/weight_mean"] = self.weight_sum / max(1, self.tokens_in_loss)
+        if self.evidence:
+            total, tokens, kept = self.evidence_sums
+            out["select/evidence_mean"] = total / tokens if tokens else float("nan")
+            out["select/evidence_kept"] = kept / tokens if tokens else float("nan")
         if self.cfg.ta_opd:
             out["select/teachability_mean"] = self.teachability_all
             out["select/teachability_chosen_mean"] = self.teachability_chosen

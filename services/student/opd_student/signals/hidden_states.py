@@ -44,7 +44,7 @@ class ExactFullVocab(TokenScoreSignal):
         pending = self.link.submit(
             rollouts, self.cfg.top_k, None, return_hidden=True, hidden_dtype=hidden_dtype
         )
-        return TokenRequest(pending, None)
+        return TokenRequest(pending, None, self.evidence_request(rollouts))
 
     def loss(self, logprobs_B_T_V, q_tok_B_T, teacher, mask_B_T, score_ids_B_T_K, teachers_B):
         return exact_loss(

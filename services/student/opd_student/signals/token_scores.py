@@ -25,6 +25,7 @@ from opd_student import losses
 from opd_student.config import TrainConfig
 from opd_student.distributed import World
 from opd_student.evaluation import eval_summary, evaluate
+from opd_student.methods.evidence import EvidenceRequest, evidence_per_rollout, request_plain_scores
 from opd_student.methods.options import MethodOptions
 from opd_student.methods.teacher_metrics import TeacherMetrics
 from opd_student.microbatch import MicroBatch, no_grad_pass
@@ -32,6 +33,7 @@ from opd_student.prompts import Prompt
 from opd_student.rollout_factory import RolloutFactory
 from opd_student.rollouts import Rollout, TeacherTensors, teacher_tensors
 from opd_student.signals.base import EvalResult
+from opd_student.signals.white_box_eval import WhiteBoxEval
 from opd_student.student_model import Student
 from opd_student.teacher_heads import TeacherHeads, offers_hidden_states
 from opd_student.teacher_link import Pending, TeacherLink
@@ -41,12 +43,14 @@ from opd_student.teacher_link import Pending, TeacherLink
 class TokenRequest:
     pending: Pending
     score_ids: list | None  # per rollout, the [T][K] ids the teacher was asked to score (StudentTopK)
+    evidence: EvidenceRequest | None = None  # evidence_mask: the same rollouts without privileged context
 
 
 @dataclass
 class TokenFeedback:
     scores: list[SequenceScores]
     score_ids: list | None
+    evidence_N_T: list | None = None  # evidence_mask: per rollout e_T, or None without privileged context
 
 
 class TokenScoreSignal:
@@ -67,6 +71,9 @@ class TokenScoreSignal:
         # Held-out evaluation adds the exact full-vocabulary KLs when every teacher serves hidden states.
         self.exact_eval = True
         self._heads: TeacherHeads | None = None
+        # eval_teacher_url: the held-out KL against that fixed service instead (a teacher that learns,
+        # teacher_follows_student, is no fixed yardstick)
+        self.eval_teacher = WhiteBoxEval(cfg, student, factory) if cfg.eval_teacher_url else None
 
     @property
     def heads(self) -> TeacherHeads:
@@ -90,10 +97,19 @@ class TokenScoreSignal:
 
     def request(self, rollouts: list[Rollout]) -> TokenRequest:
         score_ids = self.score_ids(rollouts)
-        return TokenRequest(self.link.submit(rollouts, self.cfg.top_k, score_ids), score_ids)
+        pending = self.link.submit(rollouts, self.cfg.top_k, score_ids)
+        return TokenRequest(pending, score_ids, self.evidence_request(rollouts))
+
+    def evidence_request(self, rollouts: list[Rollout]) -> EvidenceRequest | None:
+        """evidence_mask: the privileged rollouts scored after the student's own prompt too."""
+        return request_plain_scores(self.link, rollouts) if self.cfg.evidence_mask else None
 
     def collect(self, request: TokenRequest) -> TokenFeedback:
-        return TokenFeedback(self.link.collect(request.pending), request.score_ids)
+        evidence = request.evidence
+        plain = self.link.collect(evidence.pending) if evidence is not None else None
+        scores = self.link.collect(request.pending)  # last: teacher_follow reads this collect's versions
+        evidence_N_T = evidence_per_rollout(evidence, plain, scores) if evidence and plain else None
+        return TokenFeedback(scores, request.score_ids, evidence_N_T)
 
     def step_loss(self, rollouts: list[Rollout], feedback: TokenFeedback) -> TokenStepLoss:
         return TokenStepLoss(self, rollouts, feedback)
@@ -111,6 +127,8 @@ class TokenScoreSignal:
         raise NotImplementedError
 
     def evaluate(self, student: Student, prompts: list[Prompt], seed: int) -> EvalResult:
+        if self.eval_teacher is not None:
+            return self.eval_teacher.evaluate(student, prompts, seed)
         result = evaluate(
             student.scorer,
             student.tokenizer,
@@ -166,7 +184,9 @@ class TokenStepLoss:
         self.signal, self.rollouts, self.feedback = signal, rollouts, feedback
         self.sequences = rollouts
         self.world: World = signal.student.world
-        self.weights = signal.methods.step_weights(signal.student, rollouts, feedback.scores)
+        self.weights = signal.methods.step_weights(
+            signal.student, rollouts, feedback.scores, feedback.evidence_N_T
+        )
         self.per_teacher = TeacherMetrics() if signal.methods.several_teachers else None
         self.local_tokens = sum(len(r.completion_ids) for r in rollouts)
         self.normaliser = self.world.sum([self.local_tokens])[0]
