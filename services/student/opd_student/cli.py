@@ -1,4 +1,5 @@
-"""Subcommands owned by the student side: train, eval, make-student, report, demo, analyze-update."""
+"""Subcommands owned by the student side: train, eval, make-student, report, demo, analyze-update,
+codistill."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 from opd_student import demo, evaluation
 from opd_student.config import add_config_flags, config_from_args
-from opd_student.tools import analyze_update, make_student, report
+from opd_student.tools import analyze_update, codistill, make_student, report
 
 
 def register(subparsers) -> None:
@@ -26,6 +27,7 @@ def register(subparsers) -> None:
     report.register(subparsers)
     demo.register(subparsers)
     analyze_update.register(subparsers)
+    codistill.register(subparsers)
 
 
 def train_main(args: argparse.Namespace) -> None:

@@ -35,6 +35,7 @@ Bf16 = Literal["auto", "true", "false"]
 Parallel = Literal["fsdp", "ddp"]
 WeightsDtype = Literal["float32", "float64"]
 HiddenDtype = Literal["auto", "float32", "bfloat16", "float16"]
+CognizanceGate = Literal["off", "entropy", "margin"]
 LOSSES = get_args(Loss)
 
 
@@ -57,6 +58,12 @@ class TrainConfig:
     # student's starting weights (with teacher_follows_student N, its current ones), for prompts whose
     # teacher_messages give it privileged context (on-policy self-distillation, docs/methods.md)
     self_distillation: bool = False
+    # with teacher_follows_student: push the student's weights to this service instead of the teacher it
+    # trains against (co-distillation: the service the peer trains against; opd codistill sets it)
+    student_push_url: str | None = None
+    student_push_model: str | None = None  # the student's name on that service (default: its first model)
+    # the environment variable holding that service's key (unset: the teacher's key)
+    student_push_api_key_env: str = "OPD_STUDENT_PUSH_API_KEY"
     # --- student and data
     student: str = "default"  # HF directory, or "default": the layer-pruned embedded teacher
     prompts: str = "default-train"  # JSONL file, or the shipped set
@@ -134,6 +141,11 @@ class TrainConfig:
     # the sampled token, log p(x_t | teacher_messages) − log p(x_t | prompt) > evidence_threshold
     evidence_mask: bool = False
     evidence_threshold: float = 0.0  # nats of evidence a token needs to stay in the loss
+    # OPCoD's cognizance gating (our reading): the loss only where the teacher is confident, by its entropy
+    # over the top-k + tail (entropy: H <= cognizance_threshold) or its top-1 − top-2 probability margin
+    # (margin: >= cognizance_threshold)
+    cognizance_gate: CognizanceGate = "off"
+    cognizance_threshold: float = 1.0  # nats of teacher entropy at most, or probability margin at least
     loss_token_ids: str = ""  # token-restricted loss: only these ids ("12, 345" or a file of ids)
     loss_regex: str = ""  # ... and/or tokens inside matches of this regex in the decoded completion
     teacher_rules: str = ""  # "PATTERN => NAME; ...": route prompts to teachers by their text
@@ -232,6 +244,23 @@ class TrainConfig:
                 not (self.teacher_follows_student and self.loss.startswith("exact_")),
                 f"loss {self.loss} keeps the teacher's output head from the start; with teacher_follows_student "
                 "the head changes at every push: use reverse_kl, topk_forward_kl, jsd or student_topk_reverse_kl",
+            ),
+            (
+                self.student_push_url is None or self.teacher_follows_student > 0,
+                "student_push_url says where teacher_follows_student pushes: set teacher_follows_student N",
+            ),
+            (
+                self.cognizance_gate == "off" or self.loss != "chunk",
+                "cognizance_gate reads the teacher's top-k: it needs a logprob loss, not loss chunk",
+            ),
+            (
+                self.cognizance_gate != "margin" or (0 <= self.cognizance_threshold <= 1 and self.top_k >= 2),
+                "cognizance_gate margin: cognizance_threshold is a probability margin in [0, 1] and needs "
+                f"top_k >= 2; got {self.cognizance_threshold} and top_k {self.top_k}",
+            ),
+            (
+                self.cognizance_gate != "entropy" or self.cognizance_threshold >= 0,
+                f"cognizance_gate entropy: cognizance_threshold is nats >= 0; got {self.cognizance_threshold}",
             ),
             (
                 not self.evidence_mask or self.privileged_context,

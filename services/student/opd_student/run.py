@@ -89,6 +89,7 @@ class Run:
     follower: TeacherFollower | NoFollowing = field(default_factory=NoFollowing)
 
     def close(self) -> None:
+        self.follower.close()
         self.teacher.close(self.world)
         close_process_group()
 

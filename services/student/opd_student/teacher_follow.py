@@ -6,7 +6,8 @@ step the student's full weights go to the teacher service as one safetensors pus
 /v1/models/{name}/weights, docs/api.md): FSDP2 shards gathered to full tensors on rank 0 (a collective:
 every rank calls `after_step`), LoRA adapters merged into their base weights (W + (α/r)·B·A, as peft's
 merge, without touching the training model), cast to the dtype the teacher holds, the tied lm_head left out.
-Rank 0 pushes; the service swaps the weights in between two of its batches.
+Rank 0 pushes; the service swaps the weights in between two of its batches. With `student_push_url` the
+weights go to that service instead: in co-distillation (`opd codistill`) the one the peer trains against.
 
 Every step's record also says which teacher weights scored its rollouts (`teacher/weights_version_min` and
 `_max`: with pipelined scoring, max_staleness ≥ 1, a step's rollouts were sent before the previous step's
@@ -16,8 +17,10 @@ With N = 0 (the default) nothing here runs and nothing is logged.
 
 from __future__ import annotations
 
+import os
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +28,7 @@ from safetensors.torch import save
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from opd_client.errors import OpdError
+from opd_client.http_client import HttpTeacherClient
 from opd_client.schema import ModelInfo
 from opd_student.config import TrainConfig
 from opd_student.distributed import is_sharded
@@ -41,13 +45,29 @@ class NoFollowing:
     def after_step(self, step: int) -> dict[str, Any]:
         return {}
 
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class PushTarget:
+    """Where the student's weights go: the teacher the run trains against, or (student_push_url) the service
+    that serves this student to a peer (co-distillation)."""
+
+    client: HttpTeacherClient
+    info: ModelInfo
+    url: str
+    owned: bool  # a client of our own, closed with the follower
+
 
 class TeacherFollower:
     def __init__(self, cfg: TrainConfig, student: Student, link: TeacherLink, info: ModelInfo) -> None:
-        self.every, self.student, self.link, self.info = cfg.teacher_follows_student, student, link, info
+        self.every, self.student, self.link = cfg.teacher_follows_student, student, link
         self.lora_scaling = cfg.lora_alpha / cfg.lora_r if cfg.lora else None
-        self.dtype = _DTYPES.get(info.dtype)
-        check_follow(info, self.dtype, link.url, payload_bytes(student, self.dtype or torch.float32))
+        self.target = push_target(cfg, link, info)
+        self.dtype = _DTYPES.get(self.target.info.dtype)
+        nbytes = payload_bytes(student, self.dtype or torch.float32)
+        check_follow(self.target.info, self.dtype, self.target.url, nbytes)
 
     def after_step(self, step: int) -> dict[str, Any]:
         """After the optimizer step `step` (1-based): the versions that scored it, and the push when due."""
@@ -67,20 +87,47 @@ class TeacherFollower:
         return out
 
     def _push(self, weights: dict[str, torch.Tensor]) -> int:
+        target = self.target
         try:
             # all_tensors: a teacher of another architecture is refused, not half overwritten
-            update = self.link.client.push_weights(save(weights), model=self.info.name, all_tensors=True)
+            update = target.client.push_weights(save(weights), model=target.info.name, all_tensors=True)
         except OpdError as e:
             raise SystemExit(
-                f"error: teacher_follows_student: the teacher {self.info.name!r} at {self.link.url} refused the "
+                f"error: teacher_follows_student: the teacher {target.info.name!r} at {target.url} refused the "
                 f"student's weights: {e.message}"
             ) from e
         return update.weights_version
 
+    def close(self) -> None:
+        if self.target.owned:
+            self.target.client.close()
 
-def make_follower(cfg: TrainConfig, student: Student, link: TeacherLink, info: ModelInfo):
+
+def make_follower(
+    cfg: TrainConfig, student: Student, link: TeacherLink, info: ModelInfo
+) -> TeacherFollower | NoFollowing:
     """The loop's `after_step` hook for this run."""
     return TeacherFollower(cfg, student, link, info) if cfg.teacher_follows_student else NoFollowing()
+
+
+def push_target(cfg: TrainConfig, link: TeacherLink, info: ModelInfo) -> PushTarget:
+    if cfg.student_push_url is None:
+        return PushTarget(link.client, info, link.url, owned=False)
+    url = cfg.student_push_url
+    api_key = os.environ.get(cfg.student_push_api_key_env) or os.environ.get(cfg.teacher_api_key_env)
+    client = HttpTeacherClient(url, api_key=api_key, timeout=cfg.teacher_timeout_s)
+    try:
+        infos = {i.name: i for i in client.models()}
+    except OpdError as e:
+        client.close()
+        raise SystemExit(f"error: student_push_url {url}: {e.message}") from e
+    name = cfg.student_push_model or next(iter(infos))
+    if name not in infos:
+        client.close()
+        raise SystemExit(
+            f"error: student_push_url {url} serves no model {name!r}; it serves {', '.join(infos)}"
+        )
+    return PushTarget(client, infos[name], url, owned=True)
 
 
 def check_follow(info: ModelInfo, dtype: torch.dtype | None, url: str, nbytes: int) -> None:

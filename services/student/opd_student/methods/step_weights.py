@@ -1,7 +1,8 @@
 """One weight per completion token of an optimizer step: the glue between the methods and the trainer.
 
     w_t = [rollout kept (FiRe filter)] · [token matched (mask rules)] · [evidence e_t > τ (EDGE-OPD)]
-          · [among the most teachable (TA-OPD)] · (c^T_t · (1 − c^S_t) if FiRe reweighting)
+          · [teacher confident (OPCoD gate)] · [among the most teachable (TA-OPD)]
+          · (c^T_t · (1 − c^S_t) if FiRe reweighting)
 
 and the step's loss is the weighted mean Σ_t w_t ℓ_t / Σ_t w_t (for 0/1 weights: the mean over the
 selected tokens, so keeping 5% of the tokens does not shrink the update 20-fold). The trainer backpropagates
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from opd_client.scores import SequenceScores
 from opd_student.distributed import SINGLE, World
+from opd_student.methods.cognizance import cognizance_keep
 from opd_student.methods.evidence import evidence_keep
 from opd_student.methods.filtering import confidence_weights, rollout_keep_mask, teacher_mean_logprobs
 from opd_student.methods.teachability import teachability, top_fraction
@@ -51,7 +53,8 @@ class StepWeights:
         # The evidence mask is on for the whole run (not only steps with privileged rollouts), so that every
         # rank and every step reports and normalises alike.
         self.evidence = bool(getattr(cfg, "evidence_mask", False))  # settings objects without it: off
-        self.restricts = mask_rule.is_global or spans_given or self.evidence
+        self.gate = str(getattr(cfg, "cognizance_gate", "off"))
+        self.restricts = mask_rule.is_global or spans_given or self.evidence or self.gate != "off"
         self.fire = cfg.fire_opd
         self.active = self.restricts or self.fire or cfg.ta_opd
         self.total_tokens = sum(len(r.completion_ids) for r in rollouts)
@@ -75,6 +78,14 @@ class StepWeights:
                 self.evidence_sums[0] += float(evidence_T.sum())
                 self.evidence_sums[1] += len(evidence_T)
                 self.evidence_sums[2] += float(keep_T.sum())
+        # OPCoD: (tokens the teacher is confident on, tokens); summed over ranks in reduce()
+        self.gate_sums = [0.0, 0.0]
+        if self.gate != "off":
+            for i, teacher_scores in enumerate(scores):
+                keep_T = cognizance_keep(teacher_scores, self.gate, cfg.cognizance_threshold)
+                self.static_N_T[i] *= keep_T
+                self.gate_sums[0] += float(keep_T.sum())
+                self.gate_sums[1] += len(keep_T)
         if self.fire and cfg.fire_drop_fraction > 0:
             means_N = teacher_mean_logprobs([torch.from_numpy(s.token_logprobs_T) for s in scores])
             all_means, mine = self._whole_step(means_N)
@@ -126,9 +137,10 @@ class StepWeights:
             return
         local_weight = self.weight_sum if self.active else float(local_tokens)
         local_in_loss = self.tokens_in_loss if self.active else local_tokens
-        any_active, weight_sum, in_loss, *self.evidence_sums = self.world.sum(
-            [float(self.active), local_weight, local_in_loss, *self.evidence_sums]
+        any_active, weight_sum, in_loss, *sums = self.world.sum(
+            [float(self.active), local_weight, local_in_loss, *self.evidence_sums, *self.gate_sums]
         )
+        self.evidence_sums, self.gate_sums = sums[:3], sums[3:]
         self.active = any_active > 0
         self.total_tokens, self.weight_sum, self.tokens_in_loss = int(total_tokens), weight_sum, int(in_loss)
 
@@ -159,6 +171,9 @@ class StepWeights:
             total, tokens, kept = self.evidence_sums
             out["select/evidence_mean"] = total / tokens if tokens else float("nan")
             out["select/evidence_kept"] = kept / tokens if tokens else float("nan")
+        if self.gate != "off":
+            confident, tokens = self.gate_sums
+            out["select/cognizant"] = confident / tokens if tokens else float("nan")
         if self.cfg.ta_opd:
             out["select/teachability_mean"] = self.teachability_all
             out["select/teachability_chosen_mean"] = self.teachability_chosen

@@ -5,4 +5,5 @@
 - analyze_update.py  `opd analyze-update`: which parameters a run moved (update_analysis.py measures,
                      update_report.py renders)
 - report.py          `opd report`: plots and summary of a run directory
+- codistill.py       `opd codistill`: two students, two teacher services, each the other's teacher (OPCoD)
 """
