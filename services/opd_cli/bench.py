@@ -17,10 +17,12 @@ def register(subparsers) -> None:
         weight_push,
     )
     from opd_bench.compare import runner as compare
+    from opd_bench.xtok import runner as xtok
 
     memory.register(bench)
     serve.register(bench)
     compare.register(bench)
+    xtok.register(bench)
     scale.register(bench)
     train_memory.register(bench)
     generation_latency.register(bench)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,7 @@ def evaluate(
         "eval/prompts": len(eval_share(prompts, world)[0]),
         # Σ (log q − log p) over the completions' bytes: text_evaluation.py's measure for a teacher with
         # another tokenizer, so runs of both kinds compare
-        "eval/reverse_kl_per_byte": rev_sum / max(1.0, num_bytes),
+        "eval/reverse_kl_per_byte": rev_sum / num_bytes if num_bytes else math.nan,  # nan: every answer empty
         "eval/bytes": int(num_bytes),
     }
     if heads is not None:

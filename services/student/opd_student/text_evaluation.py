@@ -13,6 +13,8 @@ measure here.) `eval/reverse_kl` is the same sum per student token.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from opd_client.schema import TextSequenceScores
@@ -41,28 +43,33 @@ def evaluate_by_text(
     """Sums over all ranks when several trainer processes share the prompts; every rank gets the result."""
     vocab = vocab_bytes(tokenizer)
     eos = int(tokenizer.eos_token_id)
-    rev_sum = tokens = num_bytes = teacher_tokens = 0.0
+    rev_sum = tokens = num_bytes = teacher_tokens = answers = 0.0
     device_type = unwrap(model).device.type
     for rollouts in heldout_rollouts(
         model, tokenizer, factory, prompts, max_new_tokens, seed, batch_size, world
     ):
         texts = [student_text(r, vocab, eos) for r in rollouts]
         requests = [text_request(r, text, top_k=0) for r, text in zip(rollouts, texts, strict=True)]
-        answers: list[TextSequenceScores] = link.collect(link.submit_text(requests))
+        scored: list[TextSequenceScores] = link.collect(link.submit_text(requests))
         batch = pack(rollouts, tokenizer.pad_token_id)
         with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
             logprobs_B_T_V = student_logprobs(model, batch)
         q_tok_B_T = logprobs_B_T_V.float().cpu().gather(-1, batch.targets_B_T[..., None])[..., 0]
         log_q = (q_tok_B_T * batch.mask_B_T).sum().item()
-        log_p = sum(float(sum(a.token_logprobs)) for a in answers)
+        log_p = sum(float(sum(a.token_logprobs)) for a in scored)
         rev_sum += log_q - log_p
         tokens += batch.num_tokens
-        num_bytes += sum(a.completion_bytes for a in answers)
-        teacher_tokens += sum(len(a.token_ids) for a in answers)
-    rev_sum, tokens, num_bytes, teacher_tokens = world.sum([rev_sum, tokens, num_bytes, teacher_tokens])
+        num_bytes += sum(a.completion_bytes for a in scored)
+        teacher_tokens += sum(len(a.token_ids) for a in scored)
+        answers += len(scored)
+    rev_sum, tokens, num_bytes, teacher_tokens, answers = world.sum(
+        [rev_sum, tokens, num_bytes, teacher_tokens, answers]
+    )
     return {
         "eval/reverse_kl": rev_sum / tokens,
-        "eval/reverse_kl_per_byte": rev_sum / max(1.0, num_bytes),
+        "eval/reverse_kl_per_byte": rev_sum / num_bytes if num_bytes else math.nan,  # every answer empty
+        # the KL of a whole answer, log q(answer) − log p(answer): also meaningful when answers are empty
+        "eval/reverse_kl_per_answer": rev_sum / max(1.0, answers),
         "eval/tokens": int(tokens),
         "eval/bytes": int(num_bytes),
         "eval/teacher_tokens": int(teacher_tokens),
@@ -72,6 +79,7 @@ def evaluate_by_text(
 
 def text_eval_summary(result: dict) -> str:
     return (
-        f"sampled reverse KL {result['eval/reverse_kl_per_byte']:.4f} nats/byte "
-        f"({result['eval/reverse_kl']:.4f} nats/student token; a teacher with another tokenizer, by text)"
+        f"sampled reverse KL {result['eval/reverse_kl_per_byte']:.4f} nats/byte over {result['eval/bytes']} "
+        f"bytes ({result['eval/reverse_kl']:.4f} nats/student token, {result['eval/reverse_kl_per_answer']:.3f} "
+        "nats/answer; a teacher with another tokenizer, by text)"
     )
