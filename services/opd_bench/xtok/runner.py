@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -62,6 +63,7 @@ def main(args: argparse.Namespace) -> None:
     settings = CompareSettings(steps=args.steps, teacher=args.teacher, student=args.student, eval_every=0)
     spec = out / "spec.json"
     settings.save(spec)
+    load_before = os.getloadavg()  # a shared machine: the step times say little without it
     teacher = start_teacher(
         out / "teacher", [settings.teacher], extra_args=["--batch-invariant", "--device", "cpu"]
     )
@@ -77,7 +79,16 @@ def main(args: argparse.Namespace) -> None:
         teacher.stop()
     rows = [summarise(out, arm) for arm in ARMS if (out / arm / "arm.json").exists()]
     (out / "results.json").write_text(
-        json.dumps({"settings": settings.to_dict(), "arms": rows}, indent=2) + "\n"
+        json.dumps(
+            {
+                "settings": settings.to_dict(),
+                "arms": rows,
+                "loadavg_before": load_before,
+                "loadavg_after": os.getloadavg(),
+            },
+            indent=2,
+        )
+        + "\n"
     )
     (out / "table.md").write_text(table(rows))
     print(table(rows))
