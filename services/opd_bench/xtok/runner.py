@@ -76,6 +76,8 @@ def main(args: argparse.Namespace) -> None:
                 result = _run_gold(spec, out, teacher.http_url, arm)
             (out / arm / "arm.json").write_text(json.dumps(result, indent=2) + "\n")
     finally:
+        # opd's teacher is a process of its own (GOLD's is inside its training process): its peak RSS too
+        teacher_peak = _peak_rss_bytes(teacher.process.pid)
         teacher.stop()
     rows = [summarise(out, arm) for arm in ARMS if (out / arm / "arm.json").exists()]
     (out / "results.json").write_text(
@@ -85,6 +87,7 @@ def main(args: argparse.Namespace) -> None:
                 "arms": rows,
                 "loadavg_before": load_before,
                 "loadavg_after": os.getloadavg(),
+                "teacher_service_peak_rss_bytes": teacher_peak,
             },
             indent=2,
         )
@@ -131,6 +134,17 @@ def _run_gold(spec: Path, out: Path, url: str, name: str) -> dict:
               "--student", student, "--json-out", str(arm / f"eval_{name}.json")]  # fmt: skip
         run_child(ev, arm / "eval.log")
     return result
+
+
+def _peak_rss_bytes(pid: int) -> int | None:
+    """A running process's peak resident set (Linux: VmHWM in /proc/PID/status), None where unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def summarise(out: Path, arm: str) -> dict:
