@@ -129,3 +129,11 @@ def service_model_dir(service, name: str) -> Path:
     with HttpTeacherClient(service.http_url, api_key=service.api_key) as client:
         (info,) = [i for i in client.models() if i.name == name]
     return Path(info.source)
+
+
+@pytest.mark.parametrize(("flags", "words"), [(["--ta-opd"], "ta_opd"), (["--discount", "0.9"], "discount")])
+def test_token_level_options_are_refused_for_a_cross_tokenizer_run(
+    service, student_dir, tmp_path, flags, words
+):
+    r = train(service, student_dir, tmp_path / "run", "--teacher-model", "gemma", "--cross-tokenizer", *flags)
+    assert r.returncode != 0 and words in r.stderr, r.stderr[-2000:]

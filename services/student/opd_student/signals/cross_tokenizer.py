@@ -75,6 +75,11 @@ class CrossTokenizer:
                 f"error: {', '.join(used)} weight tokens by the teacher's token-level scores, which a teacher "
                 "with another tokenizer does not give; turn them off for a cross_tokenizer run"
             )
+        if cfg.discount > 0:
+            raise SystemExit(
+                f"error: discount = {cfg.discount}: a cross_tokenizer run's advantage is each aligned span's own "
+                "sampled reverse KL (no return-to-go over spans); use discount = 0"
+            )
         self.cfg, self.student, self.link, self.factory = cfg, student, link, factory
         self.vocab = vocab_bytes(student.tokenizer)
         self.eos_token_id = int(student.tokenizer.eos_token_id)  # type: ignore[attr-defined]
