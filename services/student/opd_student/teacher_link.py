@@ -102,8 +102,9 @@ class TeacherLink:
             raise SystemExit(
                 f"error: the student's tokenizer differs from teacher {info.name!r}'s (sha256 {mine[:12]}… vs "
                 f"{info.tokenizer_sha256[:12]}…): token ids would mean different things. Use a student "
-                "derived from this teacher (opd make-student) or a teacher with the same tokenizer, or pass "
-                "--cross-tokenizer to align the two tokenizations by text (docs/methods.md)."
+                "derived from this teacher (opd make-student) or a teacher with the same tokenizer, or train with "
+                "--cross-tokenizer, which aligns the two tokenizations by text (docs/methods.md; its held-out "
+                "measure for a saved student: python -m opd_bench.xtok.text_eval)."
             )
         return info
 
