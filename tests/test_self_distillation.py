@@ -141,7 +141,7 @@ def train_run(student, tmp_path):
 
 
 def test_self_distillation_two_steps_with_the_current_weights_and_the_evidence_mask(train_run, tmp_path):
-    records, _ = train_run(
+    records = train_run(
         self_distillation=True, teacher_follows_student=1, evidence_mask=True, max_staleness=0
     )
     assert [r["teacher/pushed_version"] for r in records] == [1, 2]
