@@ -397,11 +397,15 @@ def test_train_chunk_loss_runs_through_the_real_api_and_logs_api_tokens(
 @pytest.mark.slow
 def test_train_chunk_loss_on_two_ranks_takes_the_one_process_steps(blackbox, tiny_student, tmp_path):
     """With a greedy teacher (temperature 0: its continuations do not depend on the run) 2 FSDP2 ranks,
-    each scoring half the rollouts, take the steps of 1 process: same chunks, rewards, baseline and loss."""
+    each scoring half the rollouts, take the steps of 1 process: same chunks, rewards, baseline and loss.
+    The KD term is off here: llama.cpp's logprobs move by up to ~0.1 nats between calls (it reuses the
+    cached states of the previous prompt), so the two runs' teacher distributions need not agree; the KD
+    term under 2 ranks is tests/test_blackbox_kd.py's."""
     settings = [
         "--loss", "chunk", "--steps", "2", "--prompts-per-step", "2", "--samples-per-prompt", "2",
         "--max-new-tokens", "8", "--micro-batch-size", "2", "--chunk-num", "2", "--chunk-tokens", "3",
         "--chunk-samples", "2", "--chunk-teacher-temperature", "0", "--chunk-kl-coef", "0.1",
+        "--chunk-kd-coef", "0",
         "--eval-num-prompts", "2", "--eval-max-new-tokens", "6", "--lr", "1e-2",
     ]  # fmt: skip
     runs = {}

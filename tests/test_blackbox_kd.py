@@ -105,6 +105,30 @@ def test_train_continuation_kd_runs_through_the_real_api(blackbox, tmp_path):
 
 
 def test_chunk_samples_zero_needs_the_kd_term(tmp_path):
-    cmd = [*opd_command(1), "train", "--loss", "chunk", "--chunk-samples", "0", "--out", str(tmp_path)]
+    cmd = [*opd_command(1), "train", "--loss", "chunk", "--chunk-samples", "0", "--chunk-kd-coef", "0"]
+    cmd += ["--out", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "chunk_samples 0 leaves loss chunk without a signal" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_continuation_kd_on_two_ranks_trains_the_same_rollouts_as_one_process(blackbox, tmp_path):
+    """The KD sequences ride in the same micro-batches as the rollouts, padded to the largest rank's count
+    (FSDP2 needs every rank in every forward): 2 ranks finish and see the step's rollouts and continuations
+    of 1 process. Losses are not compared: llama.cpp's logprobs move between calls (test_blackbox.py)."""
+    student = make_tiny_model(tmp_path / "tiny", layers=2, seed=1)
+    runs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"procs-{procs}"
+        cmd = [*opd_command(procs), "train", "--teacher-url", blackbox.http_url, "--student", str(student),
+               "--out", str(out), "--loss", "chunk", "--steps", "2", "--prompts-per-step", "2",
+               "--samples-per-prompt", "2", "--max-new-tokens", "8", "--micro-batch-size", "3",
+               "--chunk-continuation-tokens", "5", "--eval-num-prompts", "2", "--eval-max-new-tokens", "6"]  # fmt: skip
+        env = {**os.environ, "OPD_TEACHER_API_KEY": blackbox.api_key, "OMP_NUM_THREADS": "1"}
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+        runs[procs] = [x for x in read_metrics(out / "metrics.jsonl") if not x.get("eval")]
+    for one, two in zip(runs[1], runs[2], strict=True):
+        for key in ("rollouts", "tokens", "chunk/chunks", "kd/sequences"):
+            assert two[key] == one[key], (key, one, two)
+        assert two["kd/positions"] > 0 and two["loss"] > 0

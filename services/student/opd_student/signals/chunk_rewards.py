@@ -122,9 +122,9 @@ class ChunkRewards:
                 f"{metrics['eval/chunk_similarity']:.4f}, {summary}"
             )
         if self.table is not None:  # the teacher's continuations: the KD term's own held-out measure
-            kd_sum, kd_positions = world.sum([kd_sum, kd_positions])
-            metrics["eval/kd_forward_kl"] = kd_sum / max(1.0, kd_positions)
-            metrics["eval/kd_positions"] = int(kd_positions)
+            total_kl, total_positions = world.sum([kd_sum, kd_positions])
+            metrics["eval/kd_forward_kl"] = total_kl / max(1.0, total_positions)
+            metrics["eval/kd_positions"] = int(total_positions)
             summary += f", top-{self.cfg.chunk_top_logprobs} forward KL on the teacher's continuations "
             summary += f"{metrics['eval/kd_forward_kl']:.4f}"
         if self.white_box is not None:  # the same seeded samples, scored by the open copy
