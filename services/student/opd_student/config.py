@@ -152,6 +152,31 @@ class TrainConfig:
     loss_regex: str = ""  # ... and/or tokens inside matches of this regex in the decoded completion
     teacher_rules: str = ""  # "PATTERN => NAME; ...": route prompts to teachers by their text
     local_teacher_models: str = ""  # --model specs of the teacher opd train starts (no teacher_url)
+    # more `opd serve-teacher` flags for the teacher opd train starts (no teacher_url), e.g. a steering
+    # vector: "--steering-vector FILE --steering-scale 4" (SafeSteer, docs/methods.md)
+    local_teacher_args: str = ""
+    # --- what a step updates, and what else it learns (docs/methods.md); all off by default
+    # train only the coordinates this mask marks (opd analyze-update BEFORE AFTER --mask FILE); the others
+    # keep the starting values (start from BEFORE: --student)
+    update_mask: str | None = None
+    # EffOPD-style module allocation (our reading): after effopd_probe_steps steps, keep training only the
+    # modules that moved most (relative to their starting norm), freeze the others
+    effopd: bool = False
+    effopd_probe_steps: int = 4  # optimizer steps measured before the allocation
+    effopd_keep_fraction: float = 0.5  # share of the parameters kept training (the fastest-moving modules)
+    # α of the next-token loss on lm_data mixed into every step, (1 − α)·OPD + α·LM (0: off)
+    lm_coef: float = 0.0
+    # the LM loss's texts: JSONL of {"text": ...} or prompt lines with a "completion", or the shipped
+    # default-reference (default-privileged's reference answers)
+    lm_data: str = "default-reference"
+    lm_batch_size: int = 4  # texts per step
+    lm_max_tokens: int = 128  # tokens of each text the LM loss applies to
+    # Draft-OPD: the student is a speculative-decoding draft of the teacher; rollouts are target-assisted
+    # (greedy verification by the teacher) and the loss applies to the draft's blocks at its errors
+    draft_opd: bool = False
+    draft_block: int = 4  # K: tokens the draft proposes per verification
+    draft_max_blocks: int = 2  # rejected blocks per rollout trained on (the first ones)
+    draft_replays: int = 1  # fresh draft blocks from each error position, trained on beside the rejected one
     # --- optimisation
     lr: float = 5e-5  # AdamW learning rate
     lr_schedule: LrSchedule = "constant"  # after warmup: constant, or cosine decay to 0 at the last step

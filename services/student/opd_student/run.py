@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from opd_student.distributed import (
 )
 from opd_student.methods.options import MethodOptions
 from opd_student.methods.routing import Rule, teachers_used
+from opd_student.methods.step_extras import StepExtras
 from opd_student.prompts import Prompt, load_prompts
 from opd_student.rollout_factory import RolloutFactory
 from opd_student.signals.base import TeacherSignal
@@ -87,6 +89,8 @@ class Run:
     eval_prompts: list[Prompt] = field(default_factory=list)
     # after each optimizer step: the student's weights to the teacher (teacher_follows_student)
     follower: TeacherFollower | NoFollowing = field(default_factory=NoFollowing)
+    # gradient and parameter options around the optimizer step (lm_coef, update_mask, effopd)
+    extras: StepExtras = field(default_factory=StepExtras)
 
     def close(self) -> None:
         self.follower.close()
@@ -140,6 +144,7 @@ def _setup(cfg: TrainConfig, resume: bool, world: World, device) -> Run:
         batches = BatchSource(cfg, student, factory, methods, prompts, dataset)
         eval_prompts = load_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
         follower = make_follower(cfg, student, teacher.link, teacher.info)
+        extras = StepExtras.build(cfg, student, run_dir)
     except BaseException:
         teacher.abort()
         raise
@@ -149,7 +154,18 @@ def _setup(cfg: TrainConfig, resume: bool, world: World, device) -> Run:
         f"{'on' if student.bf16 else 'off'}, {device}{ranks}); teacher {teacher.info.name} at {teacher.url}"
     )
     return Run(
-        cfg, run_dir, world, console, student, teacher, signal, methods, batches, eval_prompts, follower
+        cfg,
+        run_dir,
+        world,
+        console,
+        student,
+        teacher,
+        signal,
+        methods,
+        batches,
+        eval_prompts,
+        follower,
+        extras,
     )
 
 
@@ -171,6 +187,7 @@ def _connect_teacher(cfg: TrainConfig, run_dir: Path, world: World, student: Stu
             print(f"starting a local teacher service (opd serve-teacher, {serving})...", flush=True)
             # a teacher that follows the student takes its weights (docs/api.md, live weight updates)
             extra = ["--weight-updates"] if cfg.teacher_follows_student else []
+            extra += shlex.split(cfg.local_teacher_args)  # e.g. a steering vector (SafeSteer)
             local = start_teacher(run_dir, models, api_key=api_key, extra_args=extra)
             url = local.http_url
             print(f"teacher ready at {url}; log: {local.log_path}", flush=True)

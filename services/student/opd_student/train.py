@@ -70,6 +70,7 @@ def _loop(cfg: TrainConfig, run: Run) -> None:
         state = load_checkpoint(checkpoint, student.trainable, optimizer, scheduler)
         step = state["step"]
         source.load_state_dict(state["data"], legacy_mix_rng=state.get("mix_rng"))
+        run.extras.resume(step)  # effopd: the modules frozen before
         if metrics_log is not None:
             metrics_log.truncate_after(step)
         console.say(f"resumed from {checkpoint} at step {step}")
@@ -124,11 +125,13 @@ def _loop(cfg: TrainConfig, run: Run) -> None:
             )
             params = student.parameters()
             loss.finish_gradients(params)
+            metrics.update(run.extras.before_clip(params, step))  # lm_coef, update_mask
             grad_norm = clip_and_step(params, cfg.grad_clip, optimizer, scheduler)
             metrics.update({**loss.metrics(), "grad_norm": plain_float(grad_norm)})
         metrics.update(run.methods.generation_metrics(batch.step.rollouts, batch.step.horizon, world))
         step += 1
         metrics.update(run.follower.after_step(step))  # teacher_follows_student: the teacher learns too
+        metrics.update(run.extras.after_step(step))  # effopd: freeze the slow modules after the probe
         metrics.update(
             {
                 "step": step,

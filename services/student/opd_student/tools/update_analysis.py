@@ -11,6 +11,7 @@ concatenated, sqrt(Σ‖Δ‖²) / sqrt(Σ‖before‖²), not a mean of per-ten
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import math
 import re
@@ -187,6 +188,7 @@ def tensor_files(path: Path, role: str) -> dict[str, Path]:
     return names
 
 
+@functools.cache  # once per process: --geometry and --mask read the same checkpoint again
 def _checkpoint_as_safetensors(path: Path) -> Path:
     """The checkpoint's weights gathered into one temporary .safetensors file (removed at exit)."""
     from safetensors.torch import save_file

@@ -81,16 +81,73 @@ def _preamble(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+_GEOMETRY_COLUMNS = (
+    "matrices",
+    "rank/r",
+    "eff rank/r",
+    "top energy",
+    "principal L",
+    "(random)",
+    "principal R",
+    "(random)",
+    "near-zero energy",
+    "near-zero changed",
+)
+
+
+def geometry_table(report: dict[str, Any]) -> tuple[str, list[str], list[list[str]]] | None:
+    """Medians per module type of update_geometry's measures, each principal share beside its random one."""
+    g = report.get("geometry")
+    if g is None:
+        return None
+
+    def cell(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    def row(label: str, d: dict[str, Any]) -> list[str]:
+        keys = (
+            "rank_fraction",
+            "effective_rank_fraction",
+            "top_energy",
+            "principal_left",
+            "random_left",
+            "principal_right",
+            "random_right",
+            "near_zero_energy",
+            "near_zero_changed",
+        )
+        return [label, str(d["matrices"]), *(cell(d[k]) for k in keys)]
+
+    title = (
+        f"update geometry (medians over matrices; top energy: top {g['energy_top_fraction']:.0%} of "
+        f"directions; principal: top {g['principal_fraction']:.0%} singular vectors of BEFORE; near zero: "
+        f"the {g['near_zero_fraction']:.0%} smallest |BEFORE|)"
+    )
+    rows = [row(r["type"], r) for r in g["by_type"]] + [row("total", g["total"])]
+    return title, ["type", *_GEOMETRY_COLUMNS], rows
+
+
+def _mask_line(report: dict[str, Any]) -> list[str]:
+    m = report.get("mask")
+    if m is None:
+        return []
+    return [
+        f"mask of changed entries (|delta| > {m['threshold']:g}): {m['path']}, {m['fraction_changed']:.4f} of {m['numel']} entries"
+    ]
+
+
 def render_text(report: dict[str, Any]) -> str:
-    parts = ["\n".join(_preamble(report))]
-    parts += [f"{title}:\n{text_table(header, rows)}" for title, header, rows in group_tables(report)]
+    parts = ["\n".join(_preamble(report) + _mask_line(report))]
+    tables = group_tables(report) + [t for t in [geometry_table(report)] if t is not None]
+    parts += [f"{title}:\n{text_table(header, rows)}" for title, header, rows in tables]
     return "\n\n".join(parts)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    parts = ["# opd analyze-update", "\n".join(f"- {line}" for line in _preamble(report))]
-    for title, header, rows in group_tables(report):
-        parts += [f"## {title.capitalize()}", markdown_table(header, rows)]
+    lines = _preamble(report) + _mask_line(report)
+    parts = ["# opd analyze-update", "\n".join(f"- {line}" for line in lines)]
+    for title, header, rows in group_tables(report) + [t for t in [geometry_table(report)] if t is not None]:
+        parts += [f"## {title[0].upper() + title[1:]}", markdown_table(header, rows)]
     return "\n\n".join(parts) + "\n"
 
 
