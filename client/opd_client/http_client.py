@@ -155,6 +155,22 @@ class HttpTeacherClient:
         answer = self._call(wire.Request("POST", "/v1/score-text", body), wire.body_or_error)
         return schema.ScoreTextResponse.model_validate(answer)
 
+    def generate_tokens(
+        self,
+        token_ids: list[int],
+        max_tokens: int,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        model: str | None = None,
+    ) -> list[int]:
+        """The teacher's own continuation of token_ids, tokens in and tokens out (vLLM's POST
+        /inference/v1/generate): up to max_tokens ids sampled at `temperature` (0: greedy), seeded, ending
+        with the end-of-sequence token that stopped it, if one did."""
+        sampling = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+        body = {"token_ids": token_ids, "sampling_params": sampling, "model": model}
+        answer = self._call(wire.Request("POST", "/inference/v1/generate", body), wire.body_or_error)
+        return [int(i) for i in answer["choices"][0]["token_ids"]]
+
     def push_weights(
         self, weights: bytes | Path, model: str | None = None, all_tensors: bool = False
     ) -> schema.WeightsUpdate:

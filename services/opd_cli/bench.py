@@ -11,6 +11,7 @@ def register(subparsers) -> None:
         gpu_check,
         limits,
         memory,
+        methods2,
         scale,
         serve,
         train_memory,
@@ -29,3 +30,4 @@ def register(subparsers) -> None:
     limits.register(bench)
     gpu_check.register(bench)
     weight_push.register(bench)
+    methods2.register(bench)

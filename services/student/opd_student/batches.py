@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ class StepRollouts:
     rollouts: list[Rollout]  # this rank's share of the step's rollouts
     state: dict[str, Any]  # the source's position before this batch was drawn (resume restarts here)
     horizon: int  # the most completion tokens a rollout may have
+    metrics: dict[str, Any] = field(default_factory=dict)  # what a method's sampler spent (TRB, TRD)
 
 
 class BatchSource:
@@ -44,6 +45,8 @@ class BatchSource:
         self.mix_rng = random.Random(cfg.seed)
         self.dataset = dataset or []
         self.dataset_pos = 0
+        # makes the rollouts instead of plain sampling when a method needs it (methods/sampling.py)
+        self.sampler: Any = None
 
     def next(self, index: int) -> StepRollouts:
         """The rollouts of the step with 0-based index `index`."""
@@ -61,6 +64,10 @@ class BatchSource:
         prompts = [step_prompts[p] for p in mine_P]
         prompt_ids = [self.factory.prompt_ids(p) for p in prompts]
         G = cfg.samples_per_prompt
+        if self.sampler is not None:  # behaviour logprobs recorded, TRB's blend, TRD's refinement
+            seeds = [row_seed(cfg.seed, 0, index, p * G + g) for p in mine_P for g in range(G)]
+            made, made_metrics = self.sampler.rollouts(prompts, prompt_ids, seeds, index, horizon)
+            return StepRollouts(made, state, horizon, made_metrics)
         completions_P_G = self.student.sample(
             prompt_ids,
             G,

@@ -36,6 +36,8 @@ Parallel = Literal["fsdp", "ddp"]
 WeightsDtype = Literal["float32", "float64"]
 HiddenDtype = Literal["auto", "float32", "bfloat16", "float16"]
 CognizanceGate = Literal["off", "entropy", "margin"]
+OffPolicyCorrection = Literal["off", "truncate", "clip", "drpo"]
+StudentTopkForm = Literal["tail", "truncated", "truncated_sg"]
 LOSSES = get_args(Loss)
 
 
@@ -177,6 +179,52 @@ class TrainConfig:
     draft_block: int = 4  # K: tokens the draft proposes per verification
     draft_max_blocks: int = 2  # rejected blocks per rollout trained on (the first ones)
     draft_replays: int = 1  # fresh draft blocks from each error position, trained on beside the rejected one
+    # --- methods II: credit, routing, off-policy correction (docs/methods.md); all off by default
+    # reverse_kl with stale rollouts (max_staleness): reweight each token by ρ = q_θ(x)/μ(x), μ the sampling
+    # policy's recorded logprob. truncate: min(ρ, is_cap); clip: PPO's clipped surrogate (ppo_clip); drpo:
+    # DRPO's smooth advantage-weighted quadratic on the probability shift (drpo_delta)
+    off_policy_correction: OffPolicyCorrection = "off"
+    is_cap: float = 2.0  # truncate: the largest importance ratio a token may get
+    ppo_clip: float = 0.2  # clip: ε of PPO's [1 − ε, 1 + ε]
+    drpo_delta: float = 0.1  # drpo: the probability shift |q_θ(x) − μ(x)| where the gradient reaches 0
+    # GAE-OPD (our reading): generalised advantage estimation over the per-token rewards log p − log q, the
+    # value V(s_t) = −KL(q_t‖p_t) on the teacher's top-k (vOPD's closed form)
+    gae_opd: bool = False
+    gae_gamma: float = 1.0  # γ of GAE-OPD
+    gae_lambda: float = 0.95  # λ of GAE-OPD
+    # TOPD's near-future guidance (our reading): A_t = mean reward over the next W tokens, and no loss at
+    # high-loss tokens whose next W tokens' mean KL(q‖p) is at most near_future_threshold (0: off)
+    near_future_window: int = 0
+    near_future_threshold: float = 1.0  # nats: "high loss" and "divergent" both mean above this
+    # Lookahead Group Reward (our reading): at each rollout's highest-entropy positions, the student's top
+    # candidates get group-normalised rewards from the teacher's confidence one step after them
+    lookahead_group: bool = False
+    lookahead_candidates: int = 4  # K: the student's top-K ids scored at a triggered position
+    lookahead_positions: int = 2  # M: triggered positions per rollout (largest student entropy)
+    lookahead_coef: float = 1.0  # weight of the lookahead term beside the sampled-token loss
+    # CR-OPD (our reading): where the sampled token's reward is below cr_threshold, move mass toward the
+    # student's top-cr_top_k ids in proportion to the teacher's probabilities of them
+    cr_opd: bool = False
+    cr_top_k: int = 8  # the student's reachable alternatives per position
+    cr_threshold: float = 0.0  # route where log p(x_t) − log q(x_t) is below this
+    cr_coef: float = 1.0  # weight of the routed term
+    # TRB: early rollouts sampled from μ ∝ q^(1−β) p^β, the closest-to-teacher blend with KL(μ‖q) <= ε_k,
+    # ε_k = trb_epsilon · (1 − k / trb_steps) annealed to 0 (0: off)
+    trb_epsilon: float = 0.0
+    trb_steps: int = 8  # steps over which the KL budget falls to 0
+    # TRD (our reading): a rollout is cut at its first token the teacher gives logprob < trd_min_logprob and
+    # the teacher (its own generation) continues from there; the teacher's tokens get the likelihood loss
+    trd: bool = False
+    trd_min_logprob: float = -4.0  # nats: the teacher logprob below which a sampled token "fails"
+    # student_topk_reverse_kl's form (the comprehensive study's stop-gradient variants): tail (top-k + tail
+    # bucket), truncated (top-k only, full gradient), truncated_sg (top-k only, log ratio detached)
+    student_topk_form: StudentTopkForm = "tail"
+    # off-policy cold start: this many SFT steps on the teacher's own samples before the first OPD step
+    cold_start_steps: int = 0
+    # teacher-aligned prompt selection: keep this share of the training prompts, those whose student answer
+    # the teacher likes most (mean log p per token of one seeded answer each; 1: all prompts)
+    prompt_selection_fraction: float = 1.0
+    prompt_selection_tokens: int = 16  # length of the answer each prompt is judged by
     # --- optimisation
     lr: float = 5e-5  # AdamW learning rate
     lr_schedule: LrSchedule = "constant"  # after warmup: constant, or cosine decay to 0 at the last step

@@ -25,6 +25,11 @@ class Rollout:
     # a plain-text prompt as a text-based teacher sees it (None: the prompt is teacher_chat), tokenized by
     # a cross-tokenizer teacher as is, as the student tokenizes it
     teacher_text: str | None = None
+    # log μ(x_t) of each completion token under the policy that sampled it, at sampling time (recorded
+    # only when an off-policy correction or a behaviour blend needs it; docs/methods.md)
+    behaviour_logprobs: list[float] | None = None
+    # TRD: completion tokens from this index on were written by the teacher, not sampled by the student
+    teacher_from: int | None = None
 
 
 def row_seed(*keys: int) -> int:
@@ -38,9 +43,15 @@ class SeededGumbel(LogitsProcessor):
     from its own generator: a rollout's tokens depend on its seed, not on the rows it shares a batch with
     or on the rank that samples it, so 1 and N trainer processes sample the same rollouts."""
 
-    def __init__(self, seeds: list[int], temperature: float, device: torch.device) -> None:
+    def __init__(
+        self, seeds: list[int], temperature: float, device: torch.device, record: bool = False
+    ) -> None:
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         self.temperature = temperature
+        # record: log softmax(logits / T) at the token each row samples, per decoding step ([B] each)
+        self.record = record
+        self.logprobs_S_B: list[torch.Tensor] = []
+        self.prompt_width = 0  # set by sample_completions: generated ids start at this column
 
     def __call__(self, input_ids: torch.Tensor, scores_B_V: torch.Tensor) -> torch.Tensor:
         V = scores_B_V.shape[-1]
@@ -48,7 +59,12 @@ class SeededGumbel(LogitsProcessor):
             [torch.rand(V, generator=g, device=scores_B_V.device) for g in self.generators]
         )
         gumbel_B_V = -torch.log(-torch.log(uniform_B_V.clamp_min(1e-20)))
-        return scores_B_V.float() / self.temperature + gumbel_B_V
+        perturbed_B_V = scores_B_V.float() / self.temperature + gumbel_B_V
+        if self.record:  # generate takes the same argmax of what we return: the token sampled
+            chosen_B = perturbed_B_V.argmax(-1, keepdim=True)
+            logprobs_B_V = torch.log_softmax(scores_B_V.float() / self.temperature, dim=-1)
+            self.logprobs_S_B.append(logprobs_B_V.gather(-1, chosen_B)[:, 0].cpu())
+        return perturbed_B_V
 
 
 @torch.no_grad()  # not inference_mode: FSDP2 gathers parameters inside generate
@@ -61,9 +77,14 @@ def sample_completions(
     eos_token_id: int,
     pad_token_id: int,
     row_seeds: list[int],
+    logprobs_out: list[list[float]] | None = None,
+    processor: SeededGumbel | None = None,
 ) -> list[list[list[int]]]:
     """completions_P_G: G sampled completions per prompt (pure sampling: no top-k/top-p truncation);
-    row_seeds holds one seed per completion (P × G, prompt-major)."""
+    row_seeds holds one seed per completion (P × G, prompt-major). With logprobs_out (a list), each row's
+    behaviour logprobs log μ(x_t) are appended to it (prompt-major, one per completion token). `processor`
+    replaces the plain SeededGumbel (a behaviour blend, methods/behaviour_blend.py); it is told the padded
+    prompt width before generation starts."""
     rows = [ids for ids in prompts_P for _ in range(samples_per_prompt)]
     if len(row_seeds) != len(rows):
         raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {len(rows)} rows")
@@ -75,17 +96,23 @@ def sample_completions(
     for i, ids in enumerate(rows):  # left padding, so every row's next token comes at the same column
         input_ids[i, width - len(ids) :] = torch.tensor(ids)
         attention_mask[i, width - len(ids) :] = 1
+    gumbel = processor or SeededGumbel(row_seeds, temperature, device, record=logprobs_out is not None)
+    gumbel.prompt_width = width
     out = generator.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         do_sample=False,  # the argmax over Gumbel-perturbed logits is the sample
-        logits_processor=LogitsProcessorList([SeededGumbel(row_seeds, temperature, device)]),
+        logits_processor=LogitsProcessorList([gumbel]),
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         synced_gpus=getattr(generator, "synced_generation", False),
     )[:, width:].tolist()
     completions = [_cut_at_eos(row, eos_token_id) for row in out]
+    if logprobs_out is not None:
+        logprobs_B_S = torch.stack(gumbel.logprobs_S_B, dim=1) if gumbel.logprobs_S_B else None
+        for b, ids in enumerate(completions):
+            logprobs_out.append(logprobs_B_S[b, : len(ids)].tolist() if logprobs_B_S is not None else [])
     return [completions[p * samples_per_prompt : (p + 1) * samples_per_prompt] for p in range(len(prompts_P))]
 
 

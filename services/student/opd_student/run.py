@@ -26,7 +26,9 @@ from opd_student.distributed import (
     world_from_env,
 )
 from opd_student.methods.options import MethodOptions
+from opd_student.methods.prompt_selection import select_prompts
 from opd_student.methods.routing import Rule, teachers_used
+from opd_student.methods.sampling import make_sampler
 from opd_student.methods.step_extras import StepExtras
 from opd_student.prompts import Prompt, load_prompts
 from opd_student.rollout_factory import RolloutFactory
@@ -129,7 +131,7 @@ def _setup(cfg: TrainConfig, resume: bool, world: World, device) -> Run:
         factory = RolloutFactory(student.tokenizer, cfg.teacher_model, methods.rules, cfg.privileged_context)
         signal = signals.make_signal(cfg, student, teacher.link, factory, methods)
         signal.check_teacher(teacher.info, teacher.url)
-        prompts = load_prompts(cfg.prompts)
+        prompts = select_prompts(cfg, load_prompts(cfg.prompts), student, teacher.link, factory, console.say)
         methods.several_teachers = check_routed_teachers(
             teacher.link,
             student.tokenizer,
@@ -142,6 +144,7 @@ def _setup(cfg: TrainConfig, resume: bool, world: World, device) -> Run:
         )
         dataset = load_dataset(Path(cfg.dataset), factory) if cfg.dataset else None
         batches = BatchSource(cfg, student, factory, methods, prompts, dataset)
+        batches.sampler = make_sampler(cfg, student, factory, teacher.link)  # None unless a method needs it
         eval_prompts = load_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
         follower = make_follower(cfg, student, teacher.link, teacher.info)
         extras = StepExtras.build(cfg, student, run_dir)

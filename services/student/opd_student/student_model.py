@@ -102,9 +102,12 @@ class Student:
         max_new_tokens: int,
         temperature: float,
         row_seeds: list[int],
+        logprobs_out: list[list[float]] | None = None,
+        processor=None,
     ) -> list[list[list[int]]]:
         """completions_P_G, one seeded sample per row (rollouts.sample_completions). No autocast here: under
-        autocast every decoding step re-casts the weights (measured 6x slower on CPU)."""
+        autocast every decoding step re-casts the weights (measured 6x slower on CPU). logprobs_out: filled
+        with each row's behaviour logprobs (off-policy corrections, docs/methods.md)."""
         return sample_completions(
             self.scorer,
             prompt_ids_P,
@@ -114,6 +117,8 @@ class Student:
             self.eos_token_id,
             self.pad_token_id,
             row_seeds=row_seeds,
+            logprobs_out=logprobs_out,
+            processor=processor,
         )
 
     def save_final(self, out: Path) -> Path:

@@ -25,6 +25,7 @@ from opd_student.batches import StepRollouts
 from opd_student.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from opd_student.config import TrainConfig
 from opd_student.distributed import peak_memory_mib, plain_float, state_mib
+from opd_student.methods.cold_start import cold_start
 from opd_student.metrics_log import MetricsLog
 from opd_student.microbatch import accumulate_gradients, clip_and_step
 from opd_student.run import Run, setup_run
@@ -85,6 +86,7 @@ def _loop(cfg: TrainConfig, run: Run) -> None:
 
     if step == 0:
         run_eval(0)
+        cold_start(cfg, run)  # cold_start_steps: SFT on the teacher's samples first (methods/cold_start.py)
 
     stop = _StopFlag()
     pending: deque[Batch] = deque()
@@ -129,6 +131,7 @@ def _loop(cfg: TrainConfig, run: Run) -> None:
             grad_norm = clip_and_step(params, cfg.grad_clip, optimizer, scheduler)
             metrics.update({**loss.metrics(), "grad_norm": plain_float(grad_norm)})
         metrics.update(run.methods.generation_metrics(batch.step.rollouts, batch.step.horizon, world))
+        metrics.update(batch.step.metrics)  # what making the rollouts cost (TRB, TRD: methods/sampling.py)
         step += 1
         metrics.update(run.follower.after_step(step))  # teacher_follows_student: the teacher learns too
         metrics.update(run.extras.after_step(step))  # effopd: freeze the slow modules after the probe

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from opd_student.methods.credit_checks import credit_problems
 from opd_student.methods.routing import parse_teacher_rules
 from opd_student.methods.token_mask import TokenMaskRule
 
@@ -35,6 +36,7 @@ def config_problems(cfg) -> list[str]:
             build()
         except (ValueError, OSError) as e:
             problems.append(str(e))
+    problems += credit_problems(cfg)
     if cfg.loss == "chunk":
         problems += [
             f"{name} needs a logprob loss, not loss chunk" for name in WEIGHTING if getattr(cfg, name)

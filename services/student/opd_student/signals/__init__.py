@@ -6,6 +6,8 @@
                     (exact_reverse_kl, exact_forward_kl, exact_jsd)
 - chunk_rewards.py  a black-box teacher's chunk rewards (POST /v1/chunk-score): loss chunk
 - white_box_eval.py --eval-teacher-url: loss chunk's held-out KL to an open copy of the teacher
+- policy_gradient.py reverse_kl with the credit, routing and off-policy methods (off-policy correction,
+                    GAE-OPD, near-future guidance, LGR, CR-OPD, TRD), and student_topk_reverse_kl's forms
 - cross_tokenizer.py a teacher with another tokenizer (cross_tokenizer = true): text scores (POST
                     /v1/score-text) aligned with the student's tokens by byte spans; reverse_kl over spans
 
@@ -23,6 +25,7 @@ from opd_student.signals.base import TeacherSignal
 from opd_student.signals.chunk_rewards import ChunkRewards, keeps_initial_weights
 from opd_student.signals.cross_tokenizer import CrossTokenizer
 from opd_student.signals.hidden_states import ExactFullVocab
+from opd_student.signals.policy_gradient import methods_signal
 from opd_student.signals.token_scores import SampledToken, StudentTopK, TeacherTopK
 from opd_student.student_model import Student
 from opd_student.teacher_link import TeacherLink
@@ -51,6 +54,9 @@ def make_signal(
 ) -> TeacherSignal:
     if cfg.cross_tokenizer and link.other_tokenizer.get(cfg.teacher_model):
         return SIGNALS["cross_tokenizer"](cfg, student, link, factory, methods)
+    methods_ii = methods_signal(cfg)  # credit, routing, off-policy correction (signals/policy_gradient.py)
+    if methods_ii is not None:
+        return methods_ii(cfg, student, link, factory, methods)
     return SIGNALS[cfg.loss](cfg, student, link, factory, methods)  # same tokenizer: token-level, unchanged
 
 

@@ -206,9 +206,7 @@ class TokenStepLoss:
                 )
         q_tok_B_T = mb.token_logprobs_B_T
         names_B = [self.rollouts[i].teacher for i in mb.idx]
-        per_token_B_T = self.signal.loss(
-            mb.logprobs_B_T_V, q_tok_B_T, teacher, mb.mask_B_T, score_ids_B_T_K, names_B
-        )
+        per_token_B_T = self.token_loss(mb, q_tok_B_T, teacher, score_ids_B_T_K, names_B)
         weights_B_T = self.weights.micro_batch(list(mb.idx), mb.logprobs_B_T_V, teacher, mb.mask_B_T)
         if weights_B_T is not None:
             per_token_B_T = per_token_B_T * weights_B_T
@@ -219,6 +217,18 @@ class TokenStepLoss:
             self.per_teacher.add(names_B, kl_B_T, teacher.token_logprobs_B_T, mb.mask_B_T)
         self.teacher_lp_sum += (teacher.token_logprobs_B_T * mb.mask_B_T).sum().item()
         return per_token_B_T
+
+    def token_loss(
+        self,
+        mb: MicroBatch,
+        q_tok_B_T: torch.Tensor,
+        teacher: TeacherTensors,
+        score_ids_B_T_K: torch.Tensor | None,
+        names_B: list[str | None],
+    ) -> torch.Tensor:
+        """The signal's per-token loss of one micro-batch, before the methods' weights (a step loss that
+        needs the rollouts themselves, signals/policy_gradient.py, overrides this)."""
+        return self.signal.loss(mb.logprobs_B_T_V, q_tok_B_T, teacher, mb.mask_B_T, score_ids_B_T_K, names_B)
 
     def finish_gradients(self, params: list[torch.nn.Parameter]) -> None:
         self.weights.reduce(self.local_tokens, self.normaliser)
