@@ -97,7 +97,7 @@ def test_gae_opd_and_near_future_guidance_train(run):
 def test_lookahead_group_reward_scores_the_candidates(run):
     records, _ = run(lookahead_group=True, lookahead_candidates=3, lookahead_positions=2)
     for r in records:  # 4 rollouts × (at most) 2 positions × 3 candidates, one scored position each
-        assert 0 < r["teacher/extra_positions"] <= 4 * 2 * 3 and math.isfinite(r["loss"])
+        assert 0 < r["teacher/lookahead_positions"] <= 4 * 2 * 3 and math.isfinite(r["loss"])
 
 
 def test_cr_opd_routes_on_the_students_top_k(run):
@@ -114,7 +114,7 @@ def test_student_topk_forms_train(run, form):
 def test_trb_blends_early_rollouts_and_anneals(run):
     records, _ = run(trb_epsilon=0.5, trb_steps=2, off_policy_correction="truncate")
     assert [r["trb/epsilon"] for r in records] == pytest.approx([0.5, 0.25])
-    assert all(r["teacher/extra_positions"] > 0 and 0 < r["trb/beta_mean"] <= 1 for r in records)
+    assert all(r["teacher/sampling_positions"] > 0 and 0 < r["trb/beta_mean"] <= 1 for r in records)
 
 
 def test_trd_lets_the_teacher_continue_failing_rollouts(run):

@@ -113,7 +113,10 @@ def summarise(
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     evals = [r for r in records if r.get("eval")]
     steps = [r for r in records if not r.get("eval")]
-    teacher_tokens = sum(r.get("tokens", 0) + r.get("teacher/extra_positions", 0) for r in steps)
+    # the step's scored completion tokens, and what the methods asked beside them (LGR's candidates, TRB's
+    # prefixes, TRD's rescoring and generation)
+    extra = ("teacher/lookahead_positions", "teacher/sampling_positions")
+    teacher_tokens = sum(r.get("tokens", 0) + sum(r.get(k, 0) for k in extra) for r in steps)
     for extra in ("cold_start.json", "prompt_selection.json"):
         if (run_dir / extra).exists():
             teacher_tokens += json.loads((run_dir / extra).read_text())["teacher_tokens"]

@@ -61,12 +61,12 @@ class MethodSampler:
             metrics["trb/epsilon"] = epsilon
             beta_count = processor.beta_count if processor is not None else 0
             metrics["trb/beta_mean"] = processor.beta_sum / beta_count if processor and beta_count else 0.0
-            metrics["teacher/extra_positions"] = processor.teacher_positions if processor else 0
+            metrics["teacher/sampling_positions"] = processor.teacher_positions if processor else 0
         if cfg.trd:
             made, trd_metrics = self._refine(made, row_seeds, index, horizon)
             metrics.update(trd_metrics)
-            metrics["teacher/extra_positions"] = (
-                metrics.get("teacher/extra_positions", 0) + trd_metrics["trd/scored"]
+            metrics["teacher/sampling_positions"] = (
+                metrics.get("teacher/sampling_positions", 0) + trd_metrics["trd/scored"]
             )
         return made, metrics
 

@@ -249,7 +249,7 @@ class PGStepLoss(TokenStepLoss):
         if cfg.cr_opd:
             out["pg/routed_fraction"] = routed_n / max(1.0, adv_n)
         if cfg.lookahead_group:
-            out["teacher/extra_positions"] = out.get("teacher/extra_positions", 0) + int(extra)
+            out["teacher/lookahead_positions"] = int(extra)
         if teacher_n:
             out["trd/teacher_tokens"] = int(teacher_n)
         return out
