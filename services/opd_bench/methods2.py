@@ -79,10 +79,14 @@ def key(arm: Arm, seed: int) -> str:
     return f"{arm.group}|{arm.name}|{seed}"
 
 
-def run_one(arm: Arm, seed: int, url: str, out: Path, steps: int | None) -> dict:
-    run_dir = (
+def run_dir_of(arm: Arm, seed: int, out: Path) -> Path:
+    return (
         out / "runs" / f"{arm.group}-{arm.recipe}-{'-'.join(arm.flags).strip('-')}-s{seed}".replace("--", "")
     )
+
+
+def run_one(arm: Arm, seed: int, url: str, out: Path, steps: int | None) -> dict:
+    run_dir = run_dir_of(arm, seed, out)
     if run_dir.exists():  # an interrupted run: start it again
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     command = [sys.executable, "-m", "opd_cli.main", "train", "--config", str(RECIPES / f"{arm.recipe}.toml")]
@@ -138,6 +142,41 @@ def summarise(
     }
 
 
+def resummarise(results: list[dict], out: Path, seeds: list[int]) -> list[dict]:
+    """Every result recomputed from its run directory (the bench's own fields kept: wall time, load, command)."""
+    by_key = {key(a, s): (a, s) for a, s in arms(seeds)}
+    fresh = []
+    for r in results:
+        arm, seed = by_key[r["key"]]
+        again = summarise(arm, seed, run_dir_of(arm, seed, out), r["wall_s"], *r["load"], [])
+        fresh.append({**again, "command": r["command"]})
+    return fresh
+
+
+def means(results: list[dict]) -> str:
+    """Per run name: the mean over its seeds of the KL after, wall and teacher tokens, and each seed's value."""
+    lines = [
+        "| run | seeds | sampled reverse KL after: mean (each seed) | exact reverse KL after: mean (each seed) "
+        "| wall s (mean) | teacher tokens (mean) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    names = list(dict.fromkeys(r["arm"] for r in results if r["group"] != "staleness"))
+    for name in names:
+        rows = [r for r in results if r["arm"] == name and r["group"] != "staleness"]
+        kl = [r["kl_after"] for r in rows]
+        exact = [r["exact_after"] for r in rows if r["exact_after"] is not None]
+        each = ", ".join(f"{x:.3f}" for x in kl)
+        exact_text = (
+            f"{sum(exact) / len(exact):.3f} ({', '.join(f'{x:.3f}' for x in exact)})" if exact else "–"
+        )
+        wall = sum(r["wall_s"] for r in rows) / len(rows)
+        tokens = sum(r["teacher_tokens"] for r in rows) / len(rows)
+        lines.append(
+            f"| {name} | {len(rows)} | {sum(kl) / len(kl):.3f} ({each}) | {exact_text} | {wall:.0f} | {tokens:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def table(results: list[dict]) -> str:
     lines = []
     for group, title in (
@@ -163,6 +202,8 @@ def table(results: list[dict]) -> str:
                 f"{r['wall_s']:.0f} | {r['train_s']:.0f} | {r['teacher_tokens']} |"
             )
         lines.append("")
+    if any(r["group"] != "staleness" for r in results):
+        lines += ["### Means over seeds", "", means(results)]
     return "\n".join(lines) + "\n"
 
 
@@ -176,6 +217,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--only", default="", help="comma-separated recipe names to run (default: all)")
     p.add_argument("--steps", type=int, default=None, help="override the recipes' 24 steps (a quick check)")
+    p.add_argument(
+        "--resummarise",
+        action="store_true",
+        help="recompute results.jsonl and table.md from the run directories",
+    )
     p.set_defaults(func=main)
 
 
@@ -190,6 +236,11 @@ def main(args: argparse.Namespace) -> None:
         if results_path.exists()
         else {}
     )
+    if args.resummarise:
+        fresh = resummarise(list(done.values()), out, [int(s) for s in args.seeds.split(",")])
+        results_path.write_text("".join(json.dumps(r) + "\n" for r in fresh))
+        (out / "table.md").write_text(table(fresh))
+        return
     only = {n for n in args.only.split(",") if n}
     todo = [(a, s) for a, s in arms([int(s) for s in args.seeds.split(",")]) if not only or a.recipe in only]
     todo = [(a, s) for a, s in todo if key(a, s) not in done]
