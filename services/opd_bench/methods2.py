@@ -121,9 +121,9 @@ def summarise(
     # prefixes, TRD's rescoring and generation)
     extra = ("teacher/lookahead_positions", "teacher/sampling_positions")
     teacher_tokens = sum(r.get("tokens", 0) + sum(r.get(k, 0) for k in extra) for r in steps)
-    for extra in ("cold_start.json", "prompt_selection.json"):
-        if (run_dir / extra).exists():
-            teacher_tokens += json.loads((run_dir / extra).read_text())["teacher_tokens"]
+    for side_file in ("cold_start.json", "prompt_selection.json"):
+        if (run_dir / side_file).exists():
+            teacher_tokens += json.loads((run_dir / side_file).read_text())["teacher_tokens"]
     first, last = evals[0], evals[-1]
     return {
         "key": key(arm, seed),
@@ -148,7 +148,8 @@ def resummarise(results: list[dict], out: Path, seeds: list[int]) -> list[dict]:
     fresh = []
     for r in results:
         arm, seed = by_key[r["key"]]
-        again = summarise(arm, seed, run_dir_of(arm, seed, out), r["wall_s"], *r["load"], [])
+        load_before, load_after = r["load"]
+        again = summarise(arm, seed, run_dir_of(arm, seed, out), r["wall_s"], load_before, load_after, [])
         fresh.append({**again, "command": r["command"]})
     return fresh
 
