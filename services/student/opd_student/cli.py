@@ -9,7 +9,7 @@ import sys
 
 from opd_student import demo, evaluation
 from opd_student.config import add_config_flags, config_from_args
-from opd_student.tools import analyze_update, codistill, make_student, report
+from opd_student.tools import analyze_update, codistill, make_student, report, steering_vector
 
 
 def register(subparsers) -> None:
@@ -28,6 +28,7 @@ def register(subparsers) -> None:
     demo.register(subparsers)
     analyze_update.register(subparsers)
     codistill.register(subparsers)
+    steering_vector.register(subparsers)
 
 
 def train_main(args: argparse.Namespace) -> None:

@@ -26,6 +26,10 @@ SHIPPED = {
     "default-heldout": "prompts_heldout.jsonl",
     "default-privileged": "prompts_privileged.jsonl",
     "default-privileged-heldout": "prompts_privileged_heldout.jsonl",
+    # requests a safety-aligned model should decline, and harmless counterparts of the same form: the two sets
+    # opd make-steering-vector contrasts for SafeSteer's steered teacher (recipes/safesteer.toml)
+    "steer-harmful": "steer_harmful.jsonl",
+    "steer-harmless": "steer_harmless.jsonl",
 }
 ALLOWED_KEYS = ("id", "messages", "prompt", "teacher_messages", "teacher", "loss_spans")
 

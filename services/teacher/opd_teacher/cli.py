@@ -14,6 +14,7 @@ from opd_common.dataclass_flags import add_dataclass_flags, add_deprecated_alias
 from opd_common.embedded import DEFAULT_TEACHER
 from opd_teacher.backends.base import Backend
 from opd_teacher.backends.hf import HFBackend, HFLimits
+from opd_teacher.backends.steering import SteeringOptions, read_vector
 from opd_teacher.batcher import BatchLimits
 from opd_teacher.blackbox.api_client import PREFILL_MODES, ApiLimits
 from opd_teacher.weight_updates import WeightLimits
@@ -103,6 +104,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_dataclass_flags(p, HFLimits, defaults_from_cls=True)  # request limits and scoring
     add_deprecated_alias(p, "--score-chunk-tokens", "--logits-block-tokens")  # its former name
     add_dataclass_flags(p, BatchLimits, defaults_from_cls=True)
+    steer = p.add_argument_group("activation steering (SafeSteer; vectors from opd make-steering-vector)")
+    add_dataclass_flags(steer, SteeringOptions, defaults_from_cls=True)
     live = p.add_argument_group("live weight updates (PUT /v1/models/NAME/weights, POST .../reload)")
     add_dataclass_flags(live, WeightLimits, defaults_from_cls=True)
     p.add_argument(
@@ -170,9 +173,22 @@ def main(args: argparse.Namespace) -> None:
 
 def hf_loaders(args: argparse.Namespace, batch: BatchLimits) -> dict[str, Callable[[], Backend]]:
     limits = dataclass_from_args(HFLimits, args)
+    steering = dataclass_from_args(SteeringOptions, args)
+    if steering.steering_vector:
+        try:  # read now: a wrong file fails before the service starts, with the flag's name
+            read_vector(steering.steering_vector)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     return {
         alias: partial(
-            HFBackend, alias, path, dtype=args.dtype, device=args.device, limits=limits, batch=batch
+            HFBackend,
+            alias,
+            path,
+            dtype=args.dtype,
+            device=args.device,
+            limits=limits,
+            batch=batch,
+            steering=steering,
         )
         for alias, path in parse_models(args.model, args.name).items()
     }

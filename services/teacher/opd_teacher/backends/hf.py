@@ -28,6 +28,7 @@ from opd_teacher.backends.live_weights import LiveWeights
 from opd_teacher.backends.plan import plan_score
 from opd_teacher.backends.prefix_cache import NoPrefixReuse, Prefix
 from opd_teacher.backends.results import RankedScores, hidden_rows, pad_cat, split_scores  # noqa: F401
+from opd_teacher.backends.steering import SteeringOptions, attach_steering
 from opd_teacher.backends.topk import score_hidden
 from opd_teacher.batcher import BatchLimits
 
@@ -83,6 +84,7 @@ class HFBackend:
         device: str = "auto",
         limits: HFLimits = HFLimits(),
         batch: BatchLimits | None = None,  # its max_batch_tokens bounds each forward's padded tokens
+        steering: SteeringOptions | None = None,  # a steering vector added to the residual stream (SafeSteer)
     ):
         path, source = resolve_model(model)
         self.device = pick_device(device)
@@ -92,6 +94,7 @@ class HFBackend:
         log.info("loading %s from %s (%s, %s)", name, path, self.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        self.steering = attach_steering(self.model, steering, name)  # before the load-time checks run it
         config = self.model.config
         self.bos_token_id = _bos_token_id(self.tokenizer, config)
         self.pad_token_id = self.tokenizer.pad_token_id or 0
