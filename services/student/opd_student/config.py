@@ -173,12 +173,6 @@ class TrainConfig:
     lm_data: str = "default-reference"
     lm_batch_size: int = 4  # texts per step
     lm_max_tokens: int = 128  # tokens of each text the LM loss applies to
-    # Draft-OPD: the student is a speculative-decoding draft of the teacher; rollouts are target-assisted
-    # (greedy verification by the teacher) and the loss applies to the draft's blocks at its errors
-    draft_opd: bool = False
-    draft_block: int = 4  # K: tokens the draft proposes per verification
-    draft_max_blocks: int = 2  # rejected blocks per rollout trained on (the first ones)
-    draft_replays: int = 1  # fresh draft blocks from each error position, trained on beside the rejected one
     # --- methods II: credit, routing, off-policy correction (docs/methods.md); all off by default
     # reverse_kl with stale rollouts (max_staleness): reweight each token by ρ = q_θ(x)/μ(x), μ the sampling
     # policy's recorded logprob. truncate: min(ρ, is_cap); clip: PPO's clipped surrogate (ppo_clip); drpo:

@@ -46,7 +46,7 @@ def config_problems(cfg) -> list[str]:
 
 
 def update_problems(cfg) -> list[str]:
-    """Settings of update_mask, effopd, lm_coef and draft_opd that cannot work."""
+    """Settings of update_mask, effopd, and lm_coef that cannot work."""
     checks = [
         (
             not (cfg.update_mask and cfg.weight_decay > 0),
@@ -65,13 +65,5 @@ def update_problems(cfg) -> list[str]:
         (0 <= cfg.lm_coef <= 1, f"lm_coef must be in [0, 1]; got {cfg.lm_coef}"),
         (cfg.lm_batch_size >= 1, f"lm_batch_size must be >= 1; got {cfg.lm_batch_size}"),
         (cfg.lm_max_tokens >= 1, f"lm_max_tokens must be >= 1; got {cfg.lm_max_tokens}"),
-        (cfg.draft_block >= 1, f"draft_block must be >= 1; got {cfg.draft_block}"),
-        (cfg.draft_max_blocks >= 1, f"draft_max_blocks must be >= 1; got {cfg.draft_max_blocks}"),
-        (cfg.draft_replays >= 0, f"draft_replays must be >= 0; got {cfg.draft_replays}"),
-        (
-            not cfg.draft_opd or (cfg.loss != "chunk" and not cfg.cross_tokenizer),
-            "draft_opd verifies the draft's tokens with the teacher's token scores: it needs a same-tokenizer "
-            "white-box teacher (not loss chunk or cross_tokenizer)",
-        ),
     ]
     return [message for ok, message in checks if not ok]
