@@ -18,9 +18,7 @@ from pathlib import Path
 
 import torch
 
-# The file format opd_teacher/backends/steering.py reads (the two packages share no code, only this format).
-VECTOR_FORMAT = "opd-steering-vector-v1"
-VECTOR_NAME = "steering_vector"
+from opd_common.steering_format import VECTOR_FORMAT, VECTOR_NAME, decoder_layers
 
 
 @torch.no_grad()
@@ -33,7 +31,10 @@ def layer_activations(model, tokenizer, prompts, layer: int, positions: str) -> 
     def keep(module, args, output):
         captured.append((output[0] if isinstance(output, tuple) else output).detach())
 
-    layers = _decoder_layers(model)
+    try:
+        layers = decoder_layers(model)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if not 0 <= layer < len(layers):
         raise SystemExit(f"error: --layer {layer}: the model has decoder layers 0..{len(layers) - 1}")
     handle = layers[layer].register_forward_hook(keep)
@@ -48,15 +49,6 @@ def layer_activations(model, tokenizer, prompts, layer: int, positions: str) -> 
     finally:
         handle.remove()
     return torch.stack(rows)
-
-
-def _decoder_layers(model) -> torch.nn.ModuleList:
-    base = getattr(model, "base_model", model)
-    for name in ("layers", "h"):
-        layers = getattr(base, name, None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return layers
-    raise SystemExit(f"error: {type(model).__name__}: no decoder layer stack found (.layers or .h)")
 
 
 def make_vector(

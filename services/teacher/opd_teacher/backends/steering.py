@@ -17,10 +17,9 @@ from typing import Any, cast
 
 import torch
 
-log = logging.getLogger(__name__)
+from opd_common.steering_format import VECTOR_FORMAT, VECTOR_NAME, decoder_layers
 
-VECTOR_FORMAT = "opd-steering-vector-v1"
-VECTOR_NAME = "steering_vector"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,16 +58,6 @@ def read_vector(path: str) -> SteeringVector:
             f"(tensors {names}, metadata {metadata})"
         )
     return SteeringVector(vector, int(metadata["layer"]), metadata)
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder stack of an HF causal LM (Llama-style `layers`, GPT-2-style `h`)."""
-    base = getattr(model, "base_model", model)
-    for name in ("layers", "h"):
-        layers = getattr(base, name, None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return layers
-    raise ValueError(f"{type(model).__name__}: no decoder layer stack found (looked for .layers and .h)")
 
 
 def attach_steering(model: torch.nn.Module, options: SteeringOptions | None, name: str = "") -> str | None:
