@@ -7,6 +7,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmarks (results in docs/benchmarks.md)")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     from opd_bench import (
+        draft_acceptance,
         generation_latency,
         gpu_check,
         limits,
@@ -31,3 +32,4 @@ def register(subparsers) -> None:
     gpu_check.register(bench)
     weight_push.register(bench)
     methods2.register(bench)
+    draft_acceptance.register(bench)

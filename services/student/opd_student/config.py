@@ -173,6 +173,11 @@ class TrainConfig:
     lm_data: str = "default-reference"
     lm_batch_size: int = 4  # texts per step
     lm_max_tokens: int = 128  # tokens of each text the LM loss applies to
+    # Draft-OPD (our reading): train the student as the teacher's speculative draft, on the teacher's greedy
+    # answers and G blocks of draft_block tokens replayed from draft_replays of each answer's error positions
+    draft_opd: bool = False
+    draft_block: int = 4
+    draft_replays: int = 2
     # --- methods II: credit, routing, off-policy correction (docs/methods.md); all off by default
     # reverse_kl with stale rollouts (max_staleness): reweight each token by ρ = q_θ(x)/μ(x), μ the sampling
     # policy's recorded logprob. truncate: min(ρ, is_cap); clip: PPO's clipped surrogate (ppo_clip); drpo:

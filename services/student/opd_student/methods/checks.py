@@ -66,4 +66,28 @@ def update_problems(cfg) -> list[str]:
         (cfg.lm_batch_size >= 1, f"lm_batch_size must be >= 1; got {cfg.lm_batch_size}"),
         (cfg.lm_max_tokens >= 1, f"lm_max_tokens must be >= 1; got {cfg.lm_max_tokens}"),
     ]
+    if cfg.draft_opd:
+        checks += draft_checks(cfg)
     return [message for ok, message in checks if not ok]
+
+
+def draft_checks(cfg) -> list[tuple[bool, str]]:
+    """Draft-OPD's settings: its rollouts mix the teacher's corrections into the student's blocks, so it
+    needs a loss that depends on the context alone, and the teacher's token ids (same tokenizer)."""
+    sampling = [name for name, on in (("trb_epsilon", cfg.trb_epsilon > 0), ("trd", cfg.trd)) if on] + (
+        ["off_policy_correction"] if cfg.off_policy_correction != "off" else []
+    )
+    return [
+        (cfg.draft_block >= 1, f"draft_block must be >= 1; got {cfg.draft_block}"),
+        (cfg.draft_replays >= 0, f"draft_replays must be >= 0; got {cfg.draft_replays}"),
+        (
+            cfg.loss not in ("reverse_kl", "chunk"),
+            "draft_opd trains on sequences the teacher corrected: it needs a loss over the distribution "
+            f"(exact_reverse_kl, topk_forward_kl, jsd...), not {cfg.loss}",
+        ),
+        (
+            not cfg.cross_tokenizer,
+            "draft_opd verifies drafted token ids: the teacher must share the tokenizer",
+        ),
+        (not sampling, f"draft_opd makes its own rollouts: not with {', '.join(sampling)}"),
+    ]

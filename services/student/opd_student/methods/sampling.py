@@ -1,7 +1,8 @@
 """How a step's rollouts are made when a method needs more than the student's plain samples: the sampling
 policy's logprobs recorded with each rollout (off-policy correction), a behaviour blend with the teacher
 early in training (TRB, methods/behaviour_blend.py), or rollouts refined by the teacher's continuation from
-their first failing token (TRD, methods/refine.py). BatchSource calls `rollouts` in place of its own
+their first failing token (TRD, methods/refine.py), or Draft-OPD's target-assisted rollouts
+(methods/draft_rollouts.py). BatchSource calls `rollouts` in place of its own
 sampling when a run has one of these on (`make_sampler` is None otherwise, and nothing changes).
 """
 
@@ -16,6 +17,7 @@ import torch
 from opd_student.config import TrainConfig
 from opd_student.methods import refine
 from opd_student.methods.behaviour_blend import BlendedGumbel, budget
+from opd_student.methods.draft_rollouts import DraftRollouts
 from opd_student.prompts import Prompt
 from opd_student.rollout_factory import RolloutFactory
 from opd_student.rollouts import Rollout, row_seed
@@ -41,6 +43,10 @@ class MethodSampler:
     ) -> tuple[list[Rollout], dict[str, Any]]:
         """The step's rollouts (prompt-major, G per prompt) and what making them cost (metrics)."""
         cfg, G = self.cfg, self.cfg.samples_per_prompt
+        if cfg.draft_opd:
+            return DraftRollouts(cfg, self.student, self.factory, self.link).rollouts(
+                prompts, prompt_ids, index, horizon
+            )
         metrics: dict[str, Any] = {}
         epsilon = budget(index, cfg.trb_epsilon, cfg.trb_steps) if cfg.trb_epsilon > 0 else 0.0
         record = cfg.off_policy_correction != "off" or epsilon > 0
@@ -141,6 +147,6 @@ def make_sampler(
     cfg: TrainConfig, student: Student, factory: RolloutFactory, link: TeacherLink
 ) -> MethodSampler | None:
     """The sampler a run's methods need (None: the student's plain samples, as without them)."""
-    if cfg.off_policy_correction == "off" and cfg.trb_epsilon == 0 and not cfg.trd:
+    if cfg.off_policy_correction == "off" and cfg.trb_epsilon == 0 and not cfg.trd and not cfg.draft_opd:
         return None
     return MethodSampler(cfg, student, factory, link)
