@@ -16,6 +16,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -45,14 +46,25 @@ class Acceptance:
     seconds: float
 
 
+class Verified(NamedTuple):
+    generated: list[int]  # the ids speculative decoding produced (the teacher's greedy answer)
+    cycles: int  # verification cycles: teacher forwards
+    errors: list[int]  # indices of generated ids where the teacher replaced a drafted token
+    drafted: list[int]  # indices of generated ids the draft proposed (accepted or not)
+
+
 @torch.inference_mode()
-def reference_cycles(teacher, draft, prompt_ids: list[int], max_new_tokens: int, draft_tokens: int, eos: int):
-    """(generated ids, verification cycles) of greedy draft-and-verify written out: the draft proposes up to
-    `draft_tokens` argmax tokens, the teacher keeps the longest prefix that equals its own argmax and adds
-    its argmax at the first mismatch (or after the block when all match). Block sizes near the end follow
-    transformers (at most max_new_tokens − generated − 1 drafted)."""
+def reference_cycles(
+    teacher, draft, prompt_ids: list[int], max_new_tokens: int, draft_tokens: int, eos: int
+) -> Verified:
+    """Greedy draft-and-verify written out: the draft proposes up to `draft_tokens` argmax tokens, the
+    teacher keeps the longest prefix that equals its own argmax and adds its argmax at the first mismatch
+    (an error position), or after the block when all match (a bonus token, at a position the draft did not
+    propose). Block sizes near the end follow transformers (at most max_new_tokens − generated − 1)."""
     ids = list(prompt_ids)
     generated: list[int] = []
+    errors: list[int] = []
+    drafted: list[int] = []
     cycles = 0
     while len(generated) < max_new_tokens:
         k = min(draft_tokens, max_new_tokens - len(generated) - 1)
@@ -62,16 +74,19 @@ def reference_cycles(teacher, draft, prompt_ids: list[int], max_new_tokens: int,
             block.append(int(logits.argmax()))
         teacher_next = teacher(torch.tensor([ids + block])).logits[0, len(ids) - 1 :].argmax(-1).tolist()
         cycles += 1
+        drafted += range(len(generated), len(generated) + len(block))
         accepted = 0
         while accepted < len(block) and block[accepted] == teacher_next[accepted]:
             accepted += 1
+        if accepted < len(block):
+            errors.append(len(generated) + accepted)
         new = block[:accepted] + [teacher_next[accepted]]
         for token in new:
             generated.append(token)
             if token == eos or len(generated) == max_new_tokens:
-                return generated, cycles
+                return Verified(generated, cycles, errors, [t for t in drafted if t < len(generated)])
         ids += new
-    return generated, cycles
+    return Verified(generated, cycles, errors, [t for t in drafted if t < len(generated)])
 
 
 def assisted_counts(

@@ -14,7 +14,9 @@ acceptance-length measurement (`opd bench draft`):
 - verification-exposed errors: a greedy draft's proposal at t, whichever block t falls in, is its argmax
   given S[:t] (the tokens it drafted before t in the block were accepted, so they are S's); the verifier
   rejects it exactly where that argmax differs from S[t]. One teacher-forced forward of the student over S
-  finds every error position (tests/test_draft_opd.py checks this against draft-and-verify rounds).
+  finds them all, and also the disagreements at the positions where the teacher adds its bonus token after
+  a fully accepted block — not drafted with this block size, drafted with another; we count every
+  disagreement as an error (tests/test_draft_opd.py checks both against draft-and-verify rounds).
 - replay: from up to `draft_replays` error positions per sequence (a seeded draw), the student drafts
   `samples_per_prompt` fresh blocks of `draft_block` tokens (sampled at the rollout temperature): its own
   proposals at the states where it goes wrong, and what it does after them.
