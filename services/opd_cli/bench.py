@@ -13,6 +13,7 @@ def register(subparsers) -> None:
         limits,
         memory,
         methods2,
+        rollout_speed,
         scale,
         serve,
         train_memory,
@@ -33,3 +34,4 @@ def register(subparsers) -> None:
     weight_push.register(bench)
     methods2.register(bench)
     draft_acceptance.register(bench)
+    rollout_speed.register(bench)

@@ -34,6 +34,7 @@ LrSchedule = Literal["constant", "cosine"]
 Bf16 = Literal["auto", "true", "false"]
 Parallel = Literal["fsdp", "ddp"]
 WeightsDtype = Literal["float32", "float64"]
+RolloutDtype = Literal["weights", "bfloat16"]
 HiddenDtype = Literal["auto", "float32", "bfloat16", "float16"]
 CognizanceGate = Literal["off", "entropy", "margin"]
 OffPolicyCorrection = Literal["off", "truncate", "clip", "drpo"]
@@ -44,8 +45,8 @@ LOSSES = get_args(Loss)
 @dataclass(frozen=True)
 class TrainConfig:
     # --- teacher service
-    # None: start a local `opd serve-teacher` with the embedded teacher. Several replicas: comma-separated
-    # URLs, or one name resolving to several addresses (round-robin with failover).
+    # None: start a local `opd serve-teacher` (embedded teacher). Replicas: comma-separated URLs, or a name
+    # resolving to several addresses (round-robin with failover).
     teacher_url: str | None = None
     teacher_api_key_env: str = "OPD_TEACHER_API_KEY"  # env var holding the key, if the service needs one
     teacher_model: str | None = None  # teacher name on the service (default: its first)
@@ -69,9 +70,7 @@ class TrainConfig:
     # --- student and data
     student: str = "default"  # HF directory, or "default": the layer-pruned embedded teacher
     prompts: str = "default-train"  # JSONL file, or the shipped set
-    eval_prompts: str = (
-        "default-heldout"  # held-out prompts for the KL before, during and after (file or set)
-    )
+    eval_prompts: str = "default-heldout"  # held-out prompts for the KL before/during/after (file or set)
     dataset: str | None = None  # JSONL of fixed {"prompt"/"messages", "completion"} for GKD mixing
     # --- rollouts
     steps: int = 20  # optimizer steps
@@ -239,6 +238,8 @@ class TrainConfig:
     # dtype of the student's master weights; float64 (with bf16 false) makes runs that differ only in
     # summation order (1 vs N ranks) agree to ~1e-12, which the tests use to compare code paths
     weights_dtype: WeightsDtype = "float32"
+    # rollouts sampled with the master weights, or a bf16 copy of them (faster decoding; opd bench rollouts)
+    rollout_dtype: RolloutDtype = "weights"
     # Under torchrun: how gradients are synchronised (docs/scale.md). fsdp: FSDP2, parameters, gradients
     # and optimiser state sharded over the ranks; ddp: a whole copy per rank (faster for small students).
     parallel: Parallel = "fsdp"

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from opd_student.config import TrainConfig
 from opd_student.distributed import SINGLE, World, is_sharded, wrap_student
 from opd_student.rollouts import PackedBatch, sample_completions, student_logprobs
+from opd_student.sampling_copy import SamplingCopy
 
 _WEIGHTS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -50,6 +51,7 @@ class Student:
     cfg: TrainConfig
     world: World = SINGLE
     initial: torch.nn.Module | None = None  # a frozen copy of the weights the run started from, if asked
+    sampling_copy: SamplingCopy | None = None  # rollout_dtype bfloat16: what rollouts are sampled with
 
     @classmethod
     def load(
@@ -67,7 +69,27 @@ class Student:
         # the student the run started from.
         initial = copy.deepcopy(lm).eval().requires_grad_(False) if keep_initial else None
         scorer = wrap_student(lm, cfg.parallel, world)
-        return cls(path, tokenizer, trainable, lm, scorer, device, use_bf16(cfg, device), cfg, world, initial)
+        sampling = None
+        if cfg.rollout_dtype == "bfloat16":
+            if is_sharded(lm):
+                raise SystemExit(
+                    "error: rollout_dtype bfloat16 samples with a whole copy of the student: not with FSDP2's "
+                    "sharded parameters (use --parallel ddp, or rollout_dtype weights)"
+                )
+            sampling = SamplingCopy(lm)
+        return cls(
+            path,
+            tokenizer,
+            trainable,
+            lm,
+            scorer,
+            device,
+            use_bf16(cfg, device),
+            cfg,
+            world,
+            initial,
+            sampling,
+        )
 
     @property
     def pad_token_id(self) -> int:
@@ -107,9 +129,10 @@ class Student:
     ) -> list[list[list[int]]]:
         """completions_P_G, one seeded sample per row (rollouts.sample_completions). No autocast here: under
         autocast every decoding step re-casts the weights (measured 6x slower on CPU). logprobs_out: filled
-        with each row's behaviour logprobs (off-policy corrections, docs/methods.md)."""
+        with each row's behaviour logprobs (off-policy corrections, docs/methods.md). With rollout_dtype
+        bfloat16 the rollouts come from a bf16 copy of the current weights (sampling_copy.py)."""
         return sample_completions(
-            self.scorer,
+            self.sampling_copy.refreshed() if self.sampling_copy is not None else self.scorer,
             prompt_ids_P,
             samples_per_prompt,
             max_new_tokens,

@@ -1,0 +1,31 @@
+"""A reduced-precision copy of the student for sampling rollouts (`rollout_dtype = "bfloat16"`).
+
+Decoding reads every weight once per step, so on a CPU it is bound by memory bandwidth and by the
+small-row matmuls, the head's above all; bf16 weights halve the bytes and run the 8-row matmuls on the
+bf16 units (docs/benchmarks.md, "This machine's limits"). Autocast would re-cast the fp32 weights at every
+decoding step, so the copy holds bf16 parameters and is refreshed from the master weights before each
+sampling call (one copy of the parameters, ~0.1 s for the default student). Buffers (the rotary
+frequencies) stay in their own dtype. The training forward and the optimiser keep the full-precision
+weights: only which tokens get sampled changes, as measured by `opd bench rollouts`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+class SamplingCopy:
+    def __init__(self, lm: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.source = lm
+        self.copy = copy.deepcopy(lm).eval().requires_grad_(False)
+        for p in self.copy.parameters():
+            p.data = p.data.to(dtype)
+
+    @torch.no_grad()
+    def refreshed(self) -> torch.nn.Module:
+        """The copy, holding the source's current weights."""
+        for dst, src in zip(self.copy.parameters(), self.source.parameters(), strict=True):
+            dst.copy_(src)
+        return self.copy
