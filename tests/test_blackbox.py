@@ -355,12 +355,14 @@ def test_train_chunk_loss_runs_through_the_real_api_and_logs_api_tokens(
     blackbox, teacher, tiny_student, tmp_path
 ):
     """Also: --eval-teacher-url puts the held-out KL to a white-box service beside the chunk reward, equal to
-    `opd eval` of the same student against that service; --api-*-price turn the API's tokens into a cost."""
+    `opd eval` of the same student against that service; --api-*-price turn the API's tokens into a cost.
+    No KD term, so the teacher's greedy answer covers the chunk only (--chunk-continuation-tokens 0)."""
     out = tmp_path / "run"
     r = _train(
         blackbox, tiny_student, out, "--loss", "chunk", "--steps", "2",
         "--prompts-per-step", "2", "--samples-per-prompt", "1", "--max-new-tokens", "8",
         "--chunk-num", "2", "--chunk-tokens", "3", "--chunk-samples", "2", "--no-chunk-baseline",
+        "--chunk-continuation-tokens", "0",
         "--eval-num-prompts", "2", "--eval-max-new-tokens", "6", "--lr", "1e-2",
         "--eval-teacher-url", teacher.http_url, "--api-prompt-price", "0.5", "--api-completion-price", "1.5",
     )  # fmt: skip
@@ -400,12 +402,13 @@ def test_train_chunk_loss_on_two_ranks_takes_the_one_process_steps(blackbox, tin
     each scoring half the rollouts, take the steps of 1 process: same chunks, rewards, baseline and loss.
     The KD term is off here: llama.cpp's logprobs move by up to ~0.1 nats between calls (it reuses the
     cached states of the previous prompt), so the two runs' teacher distributions need not agree; the KD
-    term under 2 ranks is tests/test_blackbox_kd.py's."""
+    term under 2 ranks is tests/test_blackbox_kd.py's, and with it off the teacher's greedy answer need
+    only cover the chunk (--chunk-continuation-tokens 0: chunk_tokens, not 64 tokens a call at llama.cpp)."""
     settings = [
         "--loss", "chunk", "--steps", "2", "--prompts-per-step", "2", "--samples-per-prompt", "2",
         "--max-new-tokens", "8", "--micro-batch-size", "2", "--chunk-num", "2", "--chunk-tokens", "3",
         "--chunk-samples", "2", "--chunk-teacher-temperature", "0", "--chunk-kl-coef", "0.1",
-        "--chunk-kd-coef", "0",
+        "--chunk-kd-coef", "0", "--chunk-continuation-tokens", "0",
         "--eval-num-prompts", "2", "--eval-max-new-tokens", "6", "--lr", "1e-2",
     ]  # fmt: skip
     runs = {}
