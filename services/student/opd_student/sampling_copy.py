@@ -22,6 +22,11 @@ class SamplingCopy:
         self.copy = copy.deepcopy(lm).eval().requires_grad_(False)
         for p in self.copy.parameters():
             p.data = p.data.to(dtype)
+        # generate's first step runs the head on the last position of the prompt, a non-contiguous [B, 1, D]
+        # slice; for that input a bf16 linear takes torch's batched path and expands the weight to [B, D, V]
+        # (a 450 MB copy for the default student, 1.7 s of a 3.3 s generate call, measured with
+        # torch.profiler). A contiguous [B, 1, D] goes to one matmul.
+        self.copy.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
 
     @torch.no_grad()
     def refreshed(self) -> torch.nn.Module:
@@ -29,3 +34,7 @@ class SamplingCopy:
         for dst, src in zip(self.copy.parameters(), self.source.parameters(), strict=True):
             dst.copy_(src)
         return self.copy
+
+
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
