@@ -14,10 +14,11 @@ from __future__ import annotations
 import copy
 
 import torch
+from transformers import PreTrainedModel
 
 
 class SamplingCopy:
-    def __init__(self, lm: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, lm: PreTrainedModel, dtype: torch.dtype = torch.bfloat16) -> None:
         self.source = lm
         self.copy = copy.deepcopy(lm).eval().requires_grad_(False)
         for p in self.copy.parameters():
