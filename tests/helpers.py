@@ -99,3 +99,18 @@ def assert_same_scores(a: ScoreResult, b: ScoreResult, atol: float = 0.0) -> Non
             if u is not None:
                 assert u.shape == v.shape, attr
                 assert np.max(np.abs(u - v), initial=0.0) <= atol, attr
+
+
+def train_in_process(cfg):
+    """`opd train`'s train(cfg) in this process, with pytest's SIGINT/SIGTERM handlers given back after
+    (train installs its own). Returns the run directory."""
+    import signal
+
+    from opd_student.train import train
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return train(cfg)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)

@@ -5,13 +5,11 @@ and blocks replayed from the student's error positions."""
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from helpers import start_teacher
+from helpers import start_teacher, train_in_process
 from opd_bench.draft_acceptance import assisted_counts, reference_cycles
 from opd_student.config import TrainConfig
 from opd_student.methods import draft_rollouts
@@ -143,8 +141,6 @@ def untied_student(teacher_dir, out):
 def test_two_step_run_distils_on_teacher_answers_and_replays(
     service, tiny_model_dir, tmp_path_factory, monkeypatch
 ):
-    from opd_student.train import train
-
     monkeypatch.setenv("OPD_TEACHER_API_KEY", service.api_key)
     student = untied_student(tiny_model_dir, tmp_path_factory.mktemp("draft-student"))
     made: list = []
@@ -175,12 +171,7 @@ def test_two_step_run_distils_on_teacher_answers_and_replays(
         lr=1e-3,
         max_staleness=1,  # both steps' rollouts are drawn before the first update: by the initial student
     )
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        train(cfg)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    train_in_process(cfg)
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     initial = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
